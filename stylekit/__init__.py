@@ -1,0 +1,1 @@
+"""stylekit: LoRA finetuning and mask-bounded editing for diffusion models."""
