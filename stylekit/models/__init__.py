@@ -1,0 +1,1 @@
+"""Model families: one module per base model (flux, sdxl, qwen_edit) plus offline tiny models (tiny)."""
