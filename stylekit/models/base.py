@@ -86,6 +86,8 @@ class ModelFamily:
     train_pipeline_class: ClassVar[str]
     inpaint_pipeline_classes: ClassVar[dict[str, str]]  # model.pipeline value -> diffusers class name
     default_lora_targets: ClassVar[tuple[str, ...]]
+    # Whether training samples need a control (source) image, as edit models do.
+    needs_control: ClassVar[bool] = False
 
     pretrained: str
     inpaint_pretrained: str | None = None
@@ -228,6 +230,43 @@ class ModelFamily:
                 component = component.to(runtime.device)
             components[name] = component
         return components
+
+    # ---- training: the loop in stylekit/train asks for these ------------------------------------------------
+    def load_encoders(self, runtime: Runtime | None = None) -> DiffusionPipeline:
+        """The training pipeline without its denoiser: VAE, tokenizers and text encoders, to fill the cache."""
+        runtime = runtime or self.runtime()
+        cls = _diffusers_class(self.pipeline_class_name("train"))
+        source = self.source("train")
+        pipe = cls.from_pretrained(
+            source, **{self.denoiser_name: None}, **self._from_pretrained_kwargs(runtime)
+        )
+        return pipe.to(runtime.device)
+
+    def load_denoiser(self, runtime: Runtime | None = None) -> torch.nn.Module:
+        """The network LoRAs attach to, quantized when model.quantize asks (CUDA only)."""
+        import importlib
+
+        from diffusers import DiffusionPipeline
+
+        runtime = runtime or self.runtime()
+        source = self.source("train")
+        library, class_name = DiffusionPipeline.load_config(source, revision=self.revision)[
+            self.denoiser_name
+        ]
+        cls = getattr(importlib.import_module(library), class_name)
+        kwargs = self._from_pretrained_kwargs(runtime) | {"subfolder": self.denoiser_name}
+        quantization = self.quantization_config(runtime)
+        if quantization is not None:
+            from diffusers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(**quantization.quant_kwargs)
+        denoiser = cls.from_pretrained(source, **kwargs)
+        return denoiser if quantization is not None else denoiser.to(runtime.device)
+
+    def pipeline_with(self, denoiser: torch.nn.Module, encoders: DiffusionPipeline) -> DiffusionPipeline:
+        """A full training-class pipeline from already loaded parts (validation samples, LoRA checks)."""
+        cls = _diffusers_class(self.pipeline_class_name("train"))
+        return cls(**{**encoders.components, self.denoiser_name: denoiser})
 
     def place(self, pipe: DiffusionPipeline, runtime: Runtime) -> None:
         """Move the pipeline onto the device, or let diffusers offload it (CUDA only)."""

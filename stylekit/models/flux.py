@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
+from stylekit.models import flow
 from stylekit.models.base import ModelFamily
+
+if TYPE_CHECKING:
+    import torch
 
 # Published guidance per pipeline: Fill-dev is distilled for guidance 30, dev for 3.5.
 _GUIDANCE = {"fill": 30.0, "inpaint": 3.5}
@@ -39,6 +43,9 @@ class FluxFamily(ModelFamily):
         "proj_mlp",
     )
 
+    # T5 tokens per caption (FLUX.1-dev was trained with 512).
+    max_sequence_length: int = 512
+
     def source(self, task: str = "train") -> str:
         # FluxInpaintPipeline runs on the base model, where a LoRA trained on FLUX.1-dev applies as is.
         if task == "inpaint" and self.pipeline == "inpaint":
@@ -50,3 +57,62 @@ class FluxFamily(ModelFamily):
         if defaults.get("guidance_scale") is None:
             defaults["guidance_scale"] = _GUIDANCE[self.pipeline]
         return defaults
+
+    # ---- training ---------------------------------------------------------------------------------------
+    def encode_prompt(self, pipe: Any, caption: str, control: Any = None) -> dict[str, torch.Tensor]:
+        embeds, pooled, _ = pipe.encode_prompt(
+            prompt=caption, prompt_2=caption, device=pipe.device, max_sequence_length=self.max_sequence_length
+        )
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    def encode_image(self, pipe: Any, pixels: torch.Tensor) -> torch.Tensor:
+        vae = pipe.vae
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+        return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+
+    def sample_timesteps(self, n: int, generator: torch.Generator, trainer: Any) -> torch.Tensor:
+        return flow.sample_sigmas(n, generator, trainer.timestep_sampling, trainer.shift)
+
+    def training_loss(
+        self,
+        denoiser: Any,
+        batch: dict[str, torch.Tensor],
+        noise: torch.Tensor,
+        t: torch.Tensor,
+        trainer: Any,
+    ) -> torch.Tensor:
+        """Flow-matching loss per sample, on latents packed and positioned as FluxPipeline builds them."""
+        import torch
+        from diffusers import FluxPipeline
+
+        latents = batch["latents"]
+        b, c, h, w = latents.shape
+        noisy, target = flow.noisy_and_target(latents, noise, t)
+        core = getattr(denoiser, "module", denoiser)  # unwrapped under DDP
+        device, dtype = latents.device, core.dtype
+        embeds = batch["prompt_embeds"].to(dtype)
+        guidance = None
+        if core.config.guidance_embeds:
+            guidance = torch.full((b,), float(trainer.guidance), device=device)
+        prediction = denoiser(
+            hidden_states=FluxPipeline._pack_latents(noisy, b, c, h, w).to(dtype),
+            timestep=t.to(device, dtype),
+            guidance=guidance,
+            pooled_projections=batch["pooled_prompt_embeds"].to(dtype),
+            encoder_hidden_states=embeds,
+            txt_ids=torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype),
+            img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype),
+            return_dict=False,
+        )[0]
+        return flow.per_sample_mse(prediction, FluxPipeline._pack_latents(target, b, c, h, w))
+
+    def sample(self, pipe: Any, prompt: str, size: tuple[int, int], steps: int, generator: Any, control=None):
+        return pipe(
+            prompt=prompt,
+            width=size[0],
+            height=size[1],
+            num_inference_steps=steps,
+            guidance_scale=3.5,
+            max_sequence_length=self.max_sequence_length,
+            generator=generator,
+        ).images[0]

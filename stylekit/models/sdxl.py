@@ -4,10 +4,14 @@ or the 9-channel inpainting checkpoint."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from stylekit.errors import UsageError
+from stylekit.models import flow
 from stylekit.models.base import ModelFamily
+
+if TYPE_CHECKING:
+    import torch
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -30,3 +34,98 @@ class SDXLFamily(ModelFamily):
             raise UsageError(
                 f"model.prediction_type={self.prediction_type!r} is not one of: {', '.join(PREDICTION_TYPES)}"
             )
+
+    # ---- training ---------------------------------------------------------------------------------------
+    def load_encoders(self, runtime: Any = None) -> Any:
+        from diffusers import DDPMScheduler
+
+        pipe = super().load_encoders(runtime)
+        # Training adds noise with the DDPM schedule the checkpoint was trained on.
+        self._noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        if self.prediction_type is not None:
+            self._noise_scheduler.register_to_config(prediction_type=self.prediction_type)
+        return pipe
+
+    def encode_prompt(self, pipe: Any, caption: str, control: Any = None) -> dict[str, torch.Tensor]:
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt=caption, device=pipe.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    def encode_image(self, pipe: Any, pixels: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        vae = pipe.vae
+        # SDXL's VAE overflows in fp16; encode in fp32 like the pipelines do when force_upcast is set.
+        dtype = vae.dtype
+        if vae.config.force_upcast and dtype == torch.float16:
+            vae.float()
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+        vae.to(dtype)
+        return latents * vae.config.scaling_factor
+
+    def sample_timesteps(self, n: int, generator: torch.Generator, trainer: Any) -> torch.Tensor:
+        import torch
+
+        return torch.rand(n, generator=generator)
+
+    def training_loss(
+        self,
+        denoiser: Any,
+        batch: dict[str, torch.Tensor],
+        noise: torch.Tensor,
+        t: torch.Tensor,
+        trainer: Any,
+    ) -> torch.Tensor:
+        """Epsilon or v-prediction loss per sample at DDPM timesteps t*1000, with SDXL's size/crop time ids."""
+        import torch
+
+        scheduler = self._noise_scheduler
+        latents = batch["latents"]
+        b, _, h, w = latents.shape
+        steps = scheduler.config.num_train_timesteps
+        timesteps = (t * steps).long().clamp(0, steps - 1).to(latents.device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        if scheduler.config.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        # (original size, crop top-left, target size): the whole bucket, uncropped.
+        time_ids = torch.tensor([[h * 8, w * 8, 0, 0, h * 8, w * 8]], device=latents.device).repeat(b, 1)
+        core = getattr(denoiser, "module", denoiser)  # unwrapped under DDP
+        dtype = core.dtype
+        prediction = denoiser(
+            noisy.to(dtype),
+            timesteps,
+            encoder_hidden_states=batch["prompt_embeds"].to(dtype),
+            added_cond_kwargs={
+                "text_embeds": batch["pooled_prompt_embeds"].to(dtype),
+                "time_ids": time_ids.to(dtype),
+            },
+            return_dict=False,
+        )[0]
+        loss = flow.per_sample_mse(prediction, target)
+        if trainer.snr_gamma:
+            loss = loss * self._min_snr_weights(timesteps, float(trainer.snr_gamma))
+        return loss
+
+    def _min_snr_weights(self, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Min-SNR-gamma weighting (Hang et al. 2023): caps the weight of easy, low-noise timesteps."""
+        import torch
+
+        alphas = self._noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+        snr = alphas / (1 - alphas)
+        capped = torch.minimum(snr, torch.full_like(snr, gamma))
+        if self._noise_scheduler.config.prediction_type == "v_prediction":
+            return capped / (snr + 1)
+        return capped / snr
+
+    def sample(self, pipe: Any, prompt: str, size: tuple[int, int], steps: int, generator: Any, control=None):
+        return pipe(
+            prompt=prompt,
+            width=size[0],
+            height=size[1],
+            num_inference_steps=steps,
+            guidance_scale=5.0,
+            generator=generator,
+        ).images[0]

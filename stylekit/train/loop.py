@@ -1,0 +1,154 @@
+"""The training task: data -> cached encodings -> LoRA steps -> checkpoints -> saved, verified LoRA.
+
+Every random draw of a step comes from a generator seeded by (seed, micro-batch index), and the batch order is a
+pure function of (seed, epoch): a run resumed from a checkpoint continues exactly where the interrupted one was.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from stylekit.errors import UsageError
+
+log = logging.getLogger("stylekit.train")
+
+# Keys that do not change what is trained: a rerun differing only in these resumes the same checkpoints.
+_NOT_IDENTITY = ("output_dir", "logger", "trainer.resume", "trainer.max_steps", "trainer.checkpoint_every",
+                 "trainer.keep_checkpoints", "trainer.validate_every", "trainer.validation_prompts",
+                 "trainer.checkpoint_root", "trainer.cache_dir")  # fmt: skip
+
+
+@dataclass
+class Encoded:
+    """One training example, encoded: latents (+ control latents) and text tensors, batch dim 1."""
+
+    size: tuple[int, int]
+    tensors: dict[str, Any]
+    is_prior: bool = False
+
+
+@dataclass
+class Batches:
+    """Deterministic batches of equal-size examples: micro-batch m is a pure function of (seed, m)."""
+
+    examples: list[Encoded]
+    batch_size: int
+    seed: int
+    _orders: dict[int, list[list[int]]] = field(default_factory=dict)
+
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._orders:
+            import torch
+
+            generator = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
+            by_size: dict[tuple[int, int], list[int]] = {}
+            for index in torch.randperm(len(self.examples), generator=generator).tolist():
+                by_size.setdefault(self.examples[index].size, []).append(index)
+            batches = [
+                indices[i : i + self.batch_size]
+                for indices in by_size.values()
+                for i in range(0, len(indices), self.batch_size)
+            ]
+            order = torch.randperm(len(batches), generator=generator).tolist()
+            self._orders = {epoch: [batches[i] for i in order]}
+        return self._orders[epoch]
+
+    def __len__(self) -> int:
+        return len(self._epoch(0))
+
+    def get(self, micro: int) -> dict[str, Any]:
+        per_epoch = len(self)
+        indices = self._epoch(micro // per_epoch)[micro % per_epoch]
+        return collate([self.examples[i].tensors for i in indices])
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack tensors; sequences of different lengths (Qwen prompts) are right-padded, masks with zeros."""
+    import torch
+
+    out = {}
+    for key in items[0]:
+        tensors = [item[key] for item in items]
+        longest = max(t.shape[1] for t in tensors) if tensors[0].ndim >= 2 else None
+        if longest is not None and any(t.shape[1] != longest for t in tensors):
+            tensors = [torch.nn.functional.pad(t, _pad_spec(t, longest)) for t in tensors]
+        out[key] = torch.cat(tensors, dim=0)
+    return out
+
+
+def _pad_spec(tensor: Any, length: int) -> tuple[int, ...]:
+    # F.pad counts from the last dim backwards; pad only dim 1 at its end.
+    spec = [0, 0] * (tensor.ndim - 2) + [0, length - tensor.shape[1]]
+    return tuple(spec)
+
+
+def identity_hash(cfg: DictConfig) -> str:
+    """A hash of everything that determines the trained weights (not where or how long it runs)."""
+    data = OmegaConf.to_container(cfg, resolve=False)
+    data = {k: v for k, v in data.items() if k != "hydra"}
+    for dotted in _NOT_IDENTITY:
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def micro_generator(seed: int, micro: int) -> Any:
+    import torch
+
+    return torch.Generator().manual_seed((seed * 2654435761 + micro) % (2**63))
+
+
+def checkpoint_root(cfg: DictConfig) -> Path:
+    root = cfg.trainer.get("checkpoint_root") or "outputs/checkpoints"
+    return Path(root) / f"{cfg.get('task_name', 'train')}-{identity_hash(cfg)}"
+
+
+def check_trainer_config(cfg: DictConfig) -> None:
+    """Reject bad numbers before anything heavy runs, naming the key."""
+    t = cfg.trainer
+    positive = {
+        "trainer.max_steps": t.max_steps,
+        "trainer.batch_size": t.batch_size,
+        "trainer.gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "trainer.checkpoint_every": t.checkpoint_every,
+        "trainer.keep_checkpoints": t.keep_checkpoints,
+        "trainer.validate_every": t.validate_every,
+    }
+    for key, value in positive.items():
+        if not isinstance(value, int) or value < 1:
+            raise UsageError(f"{key}={value} must be a positive integer")
+    if float(cfg.optimizer.lr) <= 0:
+        raise UsageError(f"optimizer.lr={cfg.optimizer.lr} must be > 0 (e.g. 1e-4)")
+    if int(cfg.lora.rank) < 1:
+        raise UsageError(f"lora.rank={cfg.lora.rank} must be a positive integer (e.g. 4, 16, 64)")
+    if t.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+        raise UsageError(f"trainer.mixed_precision={t.mixed_precision!r} is not one of: auto, no, bf16, fp16")
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
