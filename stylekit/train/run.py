@@ -180,6 +180,7 @@ class Session:
 
     # ---- training ---------------------------------------------------------------------------------------
     def train(self) -> float:
+        import torch
         from accelerate import Accelerator
         from tqdm.auto import tqdm
 
@@ -191,6 +192,7 @@ class Session:
         denoiser = self._denoiser()
         if trainer.gradient_checkpointing:
             denoiser.enable_gradient_checkpointing()
+        torch.manual_seed(self.seed)  # the LoRA's initial weights are part of what `seed` reproduces
         self.lora_config = lora_io.attach_lora(denoiser, self.cfg.lora, self.family)
         params = [p for p in denoiser.parameters() if p.requires_grad]
         for p in params:  # train LoRA weights in fp32 even when the base model is bf16
