@@ -16,7 +16,16 @@ from stylekit.errors import CudaRequiredError, UsageError
 ROOT = Path(__file__).resolve().parents[2]
 CONF = str(ROOT / "conf")
 
-MODELS = ["flux", "sdxl", "sdxl_inpainting", "qwen_edit", "qwen_edit_v1", "tiny_flux", "tiny_sdxl", "tiny_qwen_edit"]
+MODELS = [
+    "flux",
+    "sdxl",
+    "sdxl_inpainting",
+    "qwen_edit",
+    "qwen_edit_v1",
+    "tiny_flux",
+    "tiny_sdxl",
+    "tiny_qwen_edit",
+]
 
 
 def _compose(config_name: str, overrides: list[str]):
@@ -190,9 +199,9 @@ def test_bad_model_settings_name_the_key(override: str, key: str) -> None:
 
 
 def test_quantize_on_cpu_is_a_clear_error_not_a_crash() -> None:
-    from stylekit.models.base import Runtime
-
     import torch
+
+    from stylekit.models.base import Runtime
 
     family = instantiate(_compose("train", ["model=flux", "model.quantize=nf4"]).model)
     with pytest.raises(CudaRequiredError, match="model.quantize=nf4 needs a CUDA GPU"):
@@ -213,6 +222,8 @@ def test_config_tooling_does_not_import_torch_or_diffusers(script: str, flag: st
         "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules)\n"
         "print('HEAVY', heavy)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     assert "HEAVY []" in result.stdout
