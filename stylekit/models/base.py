@@ -202,35 +202,6 @@ class ModelFamily:
         self.place(pipe, runtime)
         return pipe
 
-    def load_components(self, names: list[str], task: str = "train", runtime: Runtime | None = None) -> dict:
-        """Load single pipeline components (e.g. just the VAE and text encoders to fill the latent cache),
-        by the classes the checkpoint's model_index.json names, without building the whole pipeline."""
-        import importlib
-
-        from diffusers import DiffusionPipeline
-
-        runtime = runtime or self.runtime()
-        source = self.source(task)
-        index = DiffusionPipeline.load_config(source, revision=self.revision)
-        components = {}
-        for name in names:
-            if name not in index or not isinstance(index[name], list | tuple) or index[name][0] is None:
-                raise UsageError(f"{source} has no component {name!r} (model_index.json)")
-            library, class_name = index[name]
-            cls = getattr(importlib.import_module(library), class_name)
-            kwargs: dict[str, Any] = {"subfolder": name}
-            if self.revision:
-                kwargs["revision"] = self.revision
-            if hasattr(cls, "to") and not class_name.endswith(("Tokenizer", "TokenizerFast", "Processor")):
-                kwargs["torch_dtype"] = runtime.dtype
-                if self.variant:
-                    kwargs["variant"] = self.variant
-            component = cls.from_pretrained(source, **kwargs)
-            if hasattr(component, "to") and "torch_dtype" in kwargs:
-                component = component.to(runtime.device)
-            components[name] = component
-        return components
-
     # ---- training: the loop in stylekit/train asks for these ------------------------------------------------
     def load_encoders(self, runtime: Runtime | None = None) -> DiffusionPipeline:
         """The training pipeline without its denoiser: VAE, tokenizers and text encoders, to fill the cache."""

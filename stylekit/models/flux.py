@@ -116,3 +116,26 @@ class FluxFamily(ModelFamily):
             max_sequence_length=self.max_sequence_length,
             generator=generator,
         ).images[0]
+
+    # ---- inpainting -------------------------------------------------------------------------------------
+    def edit(self, pipe: Any, image: Any, mask: Any, prompt: str, settings: dict[str, Any], generator: Any):
+        """Regenerate the white region of `mask` in `image` (both at a multiple of 16 px) with FLUX.1 Fill or,
+        for pipeline=inpaint, FLUX.1-dev through FluxInpaintPipeline (which also takes true CFG)."""
+        width, height = image.size
+        kwargs: dict[str, Any] = {
+            "prompt": prompt,
+            "image": image,
+            "mask_image": mask,
+            "height": height,
+            "width": width,
+            "strength": float(settings["strength"]),
+            "guidance_scale": float(settings["guidance_scale"]),
+            "num_inference_steps": int(settings["num_inference_steps"]),
+            "generator": generator,
+            "max_sequence_length": self.max_sequence_length,
+        }
+        true_cfg = float(settings.get("true_cfg_scale") or 1.0)
+        if self.pipeline == "inpaint" and true_cfg > 1.0 and settings.get("negative_prompt"):
+            kwargs.update(negative_prompt=settings["negative_prompt"], true_cfg_scale=true_cfg)
+        with self.call_context(pipe):
+            return pipe(**kwargs).images[0]

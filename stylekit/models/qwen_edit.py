@@ -162,3 +162,114 @@ class QwenEditFamily(ModelFamily):
                 num_inference_steps=steps,
                 generator=generator,
             ).images[0]
+
+    # ---- inpainting -------------------------------------------------------------------------------------
+    def edit(self, pipe: Any, image: Any, mask: Any, prompt: str, settings: dict[str, Any], generator: Any):
+        """Regenerate the white region of `mask` in `image` (both at a multiple of 32 px).
+
+        v1 (edit_inpaint) masks natively. The edit-plus pipeline (2509/2511) has no mask input, so it is held to
+        the mask in latent space: see `held_to_mask`.
+        """
+        width, height = image.size
+        steps, strength = int(settings["num_inference_steps"]), float(settings["strength"])
+        kwargs: dict[str, Any] = {
+            "prompt": prompt,
+            "negative_prompt": settings.get("negative_prompt"),
+            "true_cfg_scale": float(settings.get("true_cfg_scale") or 1.0),
+            "height": height,
+            "width": width,
+            "num_inference_steps": steps,
+            "generator": generator,
+        }
+        # Only guidance-distilled checkpoints take guidance_scale; the others warn on every call.
+        if pipe.transformer.config.guidance_embeds:
+            kwargs["guidance_scale"] = settings.get("guidance_scale")
+        if self.pipeline == "edit_inpaint":
+            kwargs.update(image=image, mask_image=mask, strength=strength)
+        else:
+            kwargs.update(image=[image], **held_to_mask(pipe, image, mask, strength, steps, generator))
+        with self.call_context(pipe):
+            return pipe(**kwargs).images[0]
+
+
+# ---- edit-plus held to a mask ---------------------------------------------------------------------------------
+
+
+def held_to_mask(
+    pipe: Any, image: Any, mask: Any, strength: float, steps: int, generator: Any
+) -> dict[str, Any]:
+    """QwenImageEditPlusPipeline arguments that confine its edit to `mask` (L, 255 = edit).
+
+    After every step the latents outside the mask become the original image's latents re-noised to the next
+    step's sigma (flow matching: x_t = (1 - sigma) x0 + sigma noise), the clean original after the last, so the
+    model denoises the masked region in the context of the real surroundings. The noise is the pipeline's own
+    first draw from `generator`, passed in as `latents`. strength < 1 starts from the original noised to the
+    schedule's sigma at that point and runs only the rest of the steps, as diffusers' img2img pipelines do.
+    """
+    import numpy as np
+
+    original, noise, region = _packed_latents(pipe, image, mask, generator)
+    kwargs: dict[str, Any] = {
+        "latents": noise,
+        "callback_on_step_end": MaskHold(original, noise, region),
+        "callback_on_step_end_tensor_inputs": ["latents"],
+    }
+    if strength < 1.0:
+        full = np.linspace(1.0, 1.0 / steps, steps)
+        sigmas = full[int(max(steps - min(steps * strength, steps), 0)) :].tolist()
+        sigma = _first_sigma(pipe, sigmas, original.shape[1])
+        kwargs.update(
+            sigmas=sigmas, num_inference_steps=len(sigmas), latents=(1 - sigma) * original + sigma * noise
+        )
+    return kwargs
+
+
+class MaskHold:
+    """callback_on_step_end: latents = region * latents + (1 - region) * original at the next step's noise."""
+
+    def __init__(self, original: torch.Tensor, noise: torch.Tensor, region: torch.Tensor) -> None:
+        self.original, self.noise, self.region = original, noise, region
+
+    def __call__(self, pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        latents = tensors["latents"]
+        if step + 1 >= len(pipe.scheduler.timesteps):
+            target = self.original
+        else:
+            sigma = pipe.scheduler.sigmas[step + 1].to(latents.device, latents.dtype)
+            target = (1 - sigma) * self.original + sigma * self.noise
+        return {"latents": self.region * latents + (1 - self.region) * target.to(latents.dtype)}
+
+
+def _packed_latents(pipe: Any, image: Any, mask: Any, generator: Any) -> tuple[torch.Tensor, ...]:
+    """The original's latents, the initial noise and the edit region, packed (1, seq, c * 4) as the pipeline
+    packs its latents (2x2 latent patches); the region is (1, seq, 1), 1 where any pixel of the patch is masked."""
+    import numpy as np
+    import torch
+    from diffusers.utils.torch_utils import randn_tensor
+
+    width, height = image.size
+    device, dtype = pipe._execution_device, pipe.text_encoder.dtype  # the pipeline's latent dtype
+    pixels = pipe.image_processor.preprocess(image, height, width).unsqueeze(2)  # (b, c, frames, h, w)
+    encoded = pipe._encode_vae_image(pixels.to(device, pipe.vae.dtype), generator=None)
+    _, channels, _, lat_h, lat_w = encoded.shape
+    original = pipe._pack_latents(encoded, 1, channels, lat_h, lat_w).to(dtype)
+    noise = randn_tensor((1, 1, channels, lat_h, lat_w), generator=generator, device=device, dtype=dtype)
+    noise = pipe._pack_latents(noise, 1, channels, lat_h, lat_w)
+    edit = torch.from_numpy(np.asarray(mask.convert("L")) > 127).float()[None, None]
+    cells = torch.nn.functional.max_pool2d(edit, pipe.vae_scale_factor)
+    region = pipe._pack_latents(cells, 1, 1, lat_h, lat_w).amax(dim=-1, keepdim=True)
+    return original, noise, region.to(device, dtype)
+
+
+def _first_sigma(pipe: Any, sigmas: list[float], seq_len: int) -> float:
+    """The scheduler's (shifted) first sigma for `sigmas`, computed the way the pipeline will set it."""
+    config = pipe.scheduler.config
+    mu = sys.modules[type(pipe).__module__].calculate_shift(
+        seq_len,
+        config.get("base_image_seq_len", 256),
+        config.get("max_image_seq_len", 4096),
+        config.get("base_shift", 0.5),
+        config.get("max_shift", 1.15),
+    )
+    pipe.scheduler.set_timesteps(sigmas=sigmas, mu=mu)
+    return float(pipe.scheduler.sigmas[0])

@@ -129,3 +129,22 @@ class SDXLFamily(ModelFamily):
             guidance_scale=5.0,
             generator=generator,
         ).images[0]
+
+    # ---- inpainting -------------------------------------------------------------------------------------
+    def edit(self, pipe: Any, image: Any, mask: Any, prompt: str, settings: dict[str, Any], generator: Any):
+        """Regenerate the white region of `mask` in `image` (both at a multiple of 8 px) with
+        StableDiffusionXLInpaintPipeline (base weights, or the 9-channel inpainting UNet)."""
+        width, height = image.size
+        with self.call_context(pipe):
+            return pipe(
+                prompt=prompt,
+                negative_prompt=settings.get("negative_prompt"),
+                image=image,
+                mask_image=mask,
+                height=height,
+                width=width,
+                strength=float(settings["strength"]),
+                guidance_scale=float(settings["guidance_scale"]),
+                num_inference_steps=int(settings["num_inference_steps"]),
+                generator=generator,
+            ).images[0]

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from stylekit.errors import UsageError
+from stylekit.paths import cache_root
 
 TINY_NAMES = ("flux", "flux_fill", "sdxl", "sdxl_inpaint", "qwen_edit")
 
-_CACHE_ENV = "STYLEKIT_CACHE_DIR"
 
 # Real FLUX.1 / SDXL / Qwen-Image VAEs all downsample by 8: four resolution levels (three halvings).
 _VAE_LEVELS = 4
@@ -615,15 +615,6 @@ def build(name: str, out_dir: str | Path, seed: int = 0) -> Path:
     return target
 
 
-def _cache_root() -> Path:
-    configured = os.environ.get(_CACHE_ENV)
-    if configured:
-        return Path(configured)
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("stylekit"))
-
-
 def _cache_key(name: str, seed: int) -> str:
     # Any change to this file or to the libraries that define the saved formats gives a new folder.
     digest = hashlib.sha256(Path(__file__).read_bytes())
@@ -646,7 +637,7 @@ def _publish_once(staged: Path, target: Path) -> bool:
 def tiny_path(name: str, seed: int = 0) -> Path:
     """Path of the cached tiny folder for `name`/`seed`, built on first use; safe under concurrent callers."""
     _check_name(name)
-    target = _cache_root() / "tiny" / f"{name}-{_cache_key(name, seed)}"
+    target = cache_root() / "tiny" / f"{name}-{_cache_key(name, seed)}"
     if _is_pipeline_folder(target):
         return target
     staged = _staging_dir(target)
