@@ -9,6 +9,8 @@ import importlib
 import importlib.util
 import logging
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
@@ -31,6 +33,19 @@ def _is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+# What the last task in this process produced, for front ends that print a summary (stylekit.cli).
+LAST_RUNS: list[dict[str, Any]] = []
+
+
+def conf_dir() -> Path:
+    """The Hydra config folder: conf/ beside the package in a checkout, stylekit/conf in a wheel."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package.parent / "conf", package / "conf"):
+        if (candidate / "train.yaml").exists():
+            return candidate
+    raise FileNotFoundError(f"stylekit's conf/ folder is missing (looked beside {package})")
+
+
 def run_task(name: str, cfg: DictConfig) -> Any:
     """Run task `name` on `cfg` and return its metric (what Hydra sweepers optimize)."""
     module_name, function_name = TASKS[name]
@@ -38,11 +53,22 @@ def run_task(name: str, cfg: DictConfig) -> Any:
         print(f"stylekit: '{name}' is not implemented yet in this version of stylekit.", file=sys.stderr)
         sys.exit(1)
     task = getattr(importlib.import_module(module_name), function_name)
+    start = time.perf_counter()
     try:
-        return task(cfg)
+        result = task(cfg)
+        LAST_RUNS.append({"task": name, "result": result, "seconds": time.perf_counter() - start,
+                          "output_dir": _output_dir(cfg)})  # fmt: skip
+        return result
     except UsageError as error:
         # In a sweep the launcher records the failed job and the other jobs go on.
         if _is_multirun():
             raise
         print(f"error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
+
+
+def _output_dir(cfg: DictConfig) -> str | None:
+    try:
+        return str(cfg.get("output_dir"))
+    except Exception:  # an unresolvable ${hydra:...} outside a Hydra app
+        return None
