@@ -34,18 +34,32 @@ format: install ## Apply ruff's formatting and safe fixes
 	$(RUN) ruff check --fix .
 	$(RUN) ruff format .
 
-smoke: install ## One tiny run per family (train, then inpaint), on CPU
-	@for m in tiny_flux tiny_sdxl tiny_qwen_edit; do \
-	  $(RUN) python -m stylekit.models.tiny $${m#tiny_} .stylekit-cache/smoke/$$m >/dev/null || exit 1; \
-	  echo "built $$m"; \
+smoke: install ## One tiny run per family on CPU: train 2 steps, then inpaint the demo photo with that LoRA
+	@set -e; for m in tiny_flux tiny_sdxl tiny_qwen_edit; do \
+	  out=outputs/smoke/$$m; rm -rf $$out; \
+	  extra=""; [ $$m = tiny_qwen_edit ] && extra="data.control_dir=assets/demo/train"; \
+	  $(RUN) stylekit finetune model=$$m data.dataset_dir=assets/demo/train data.trigger=sks $$extra \
+	    trainer.max_steps=2 logger=none trainer.resume=never trainer.checkpoint_root=$$out/checkpoints \
+	    hydra.run.dir=$$out/train; \
+	  $(RUN) stylekit inpaint model=$$m prompt="a sks cat" image=assets/demo/base/chelsea.jpg \
+	    mask=assets/demo/masks/chelsea.png lora_weights=$$out/train/lora output_dir=$$out hydra.run.dir=$$out/inpaint; \
 	done
 
 bench: install ## Benchmarks: ratios against a baseline measured in the same run
 	@if [ -d bench ]; then $(RUN) python -m bench; else echo "no benchmarks yet"; fi
 
-demo: install ## The main job end to end on the tiny models (once training and inpainting exist)
-	@echo "make demo: trains a LoRA on the tiny FLUX model and inpaints a photo with it; it arrives with the"
-	@echo "training (issue #3) and inpainting (issue #4) work. Until then: make smoke builds the tiny models."
+MODEL ?= tiny_flux
+DEMO_STEPS ?= 40
+demo: install ## The main job end to end: train a LoRA on the demo photos, inpaint a photo with it (outputs/demo/)
+	rm -rf outputs/demo
+	$(RUN) stylekit finetune model=$(MODEL) data.dataset_dir=assets/demo/train data.trigger=sks data.max_upscale=4 \
+	  trainer.max_steps=$(DEMO_STEPS) trainer.validate_every=$(DEMO_STEPS) trainer.checkpoint_every=$(DEMO_STEPS) \
+	  lora.rank=8 lora.alpha=8 optimizer.lr=1e-3 logger=none trainer.resume=never \
+	  trainer.checkpoint_root=outputs/demo/checkpoints hydra.run.dir=outputs/demo/train
+	$(RUN) stylekit inpaint model=$(MODEL) model.pipeline=inpaint prompt="a sks style cat" \
+	  image=assets/demo/base/chelsea.jpg mask=assets/demo/masks/chelsea.png lora_weights=outputs/demo/train/lora \
+	  inpaint/preprocess=grayscale save_comparison=true output_dir=outputs/demo hydra.run.dir=outputs/demo/inpaint
+	@echo "LoRA: outputs/demo/train/lora  samples: outputs/demo/train/samples  before/after: outputs/demo/chelsea_comparison.png"
 
 clean: ## Remove outputs, caches and the virtualenv
 	rm -rf outputs multirun .pytest_cache .ruff_cache .stylekit-cache .venv
