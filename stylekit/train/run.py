@@ -41,6 +41,14 @@ def run(cfg: DictConfig) -> float:
             loss = session.train()
             session.finish(dataset_hash({s.record for s in samples}))
             return loss
+    except Exception as error:
+        if type(error).__name__ != "OutOfMemoryError":
+            raise
+        raise UsageError(
+            f"CUDA ran out of memory training {family.family}: try model.quantize=nf4, "
+            "trainer.gradient_checkpointing=true, optimizer.name=adamw8bit or a smaller data.resolution "
+            "(checkpoints so far are kept; rerun to resume)"
+        ) from error
     finally:
         loop.free_memory()
 
@@ -89,6 +97,7 @@ class Session:
     # ---- models -----------------------------------------------------------------------------------------
     def prepare_models(self) -> None:
         self.runtime = self.family.runtime()
+        self.family.quantization_config(self.runtime)  # CUDA-only settings fail before any weights load
         self.encoders = self.family.load_encoders(self.runtime)
 
     def _denoiser(self) -> Any:
@@ -248,8 +257,10 @@ class Session:
                 if done % int(trainer.validate_every) == 0 or last:
                     val_loss = self.validate(done, samples=not last)
         bar.close()
+        if start >= max_steps:  # resumed a finished run: no step ran, but the result still needs its loss
+            val_loss = self.validate(start, samples=False)
         self.final_val_loss = val_loss
-        self.steps_done = max_steps
+        self.steps_done = max(start, max_steps)  # what the weights saw (a rerun may ask for fewer steps)
         return val_loss
 
     def _mixed_precision(self) -> str:
@@ -409,10 +420,10 @@ class Session:
         fresh = self.family.pipeline_with(self.family.load_denoiser(self.runtime), self.encoders)
         lora_io.verify_loads(fresh, lora_dir)
         grid = self._sample_grid(fresh, self.steps_done)
-        (self.run_dir / "summary.json").write_text(
-            json.dumps({"lora": str(weights), "samples": str(grid), **metadata}, indent=2, default=str)
+        # The tracker owns summary.json (and W&B's run summary): writing it here too lost one or the other.
+        self.tracker.summary(
+            {"lora": str(weights), "samples": str(grid), **metadata, "val/final_loss": self.final_val_loss}
         )
-        self.tracker.summary({"val/final_loss": self.final_val_loss})
         self.tracker.log_artifact(lora_dir, name=f"lora-{self.family.family}", type="lora")
         log.info("LoRA saved to %s (loads into a fresh %s pipeline)", weights, self.family.family)
 
