@@ -1,0 +1,147 @@
+"""``hydra/launcher=modal``: each sweep job runs in its own Modal container; results come back to ``outputs/``.
+
+Per job the launcher resolves the config here (``load_sweep_config``), fixes its run dir, and ships it with
+Hydra's singleton state and a reference to the task function to ``stylekit.remote.worker``, which calls Hydra's
+``run_job`` there. ``backend=local`` sends the same bytes through the same worker in this process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from hydra_plugins.stylekit_launcher._jobs import Job, make_job, prepare_for_container, to_job_return
+from hydra_plugins.stylekit_launcher.config import BACKENDS, ModalLauncherConf
+from stylekit.remote import CONTAINER_PROJECT_DIR, ImageSpec, find_project_root, image_spec
+
+log = logging.getLogger(__name__)
+
+
+class ModalLauncher(Launcher):
+    def __init__(self, **params: Any) -> None:
+        self.conf = _settings(params)
+        self.config: DictConfig | None = None
+        self.hydra_context: HydraContext | None = None
+        self.task_function: TaskFunction | None = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config = config
+        self.hydra_context = hydra_context
+        self.task_function = task_function
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        setup_globals()
+        assert self.config is not None and self.hydra_context is not None and self.task_function is not None
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        jobs = [self._job(initial_job_idx + i, overrides) for i, overrides in enumerate(job_overrides)]
+        spec = self.image_spec()
+        if self.conf.backend == "modal":
+            for job in jobs:
+                prepare_for_container(job, self.conf.volumes.outputs.path, list(self.conf.inputs), Path.cwd())
+        if self.conf.dry_run:
+            from hydra_plugins.stylekit_launcher._plan import describe
+
+            print(describe(jobs, self.conf, spec))
+            return [_dry_return(job) for job in jobs]
+        log.info("Launching %d job(s) with backend=%s", len(jobs), self.conf.backend)
+        if self.conf.backend == "local":
+            return self._run_local(jobs, spec)
+        from hydra_plugins.stylekit_launcher._modal_backend import ModalBackend
+
+        return ModalBackend(self, spec).run(jobs)
+
+    # ---- jobs ---------------------------------------------------------------------------------------------
+    def _job(self, index: int, overrides: Sequence[str]) -> Job:
+        assert self.config is not None and self.hydra_context is not None
+        log.info("\t#%d : %s", index, " ".join(filter_overrides(overrides)))
+        config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        with open_dict(config):
+            config.hydra.job.id = index
+            config.hydra.job.num = index
+        # As run_job does: interpolations in the run dir may read Hydra's config (${hydra:...}).
+        HydraConfig.instance().set_config(config)
+        return make_job(index, list(overrides), config)
+
+    def image_spec(self) -> ImageSpec:
+        return image_spec(self.project_dir())
+
+    def project_dir(self) -> Path | None:
+        """The project the container is built from: the task script's, else the launch directory's."""
+        main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+        starts = [Path(main_file).parent] if main_file else []
+        for start in [*starts, Path.cwd()]:
+            root = find_project_root(start)
+            if root is not None:
+                return root
+        return None
+
+    def payload(self, job: Job, task: Any, in_container: bool) -> Any:
+        from stylekit.remote.worker import Container, Payload
+
+        assert self.hydra_context is not None
+        container = None
+        if in_container:
+            outputs = self.conf.volumes.outputs
+            container = Container(
+                workdir=outputs.path, project_dir=CONTAINER_PROJECT_DIR, outputs_volume=outputs.name
+            )
+        return Payload(
+            index=job.index,
+            config=job.shipped if job.shipped is not None else job.config,
+            hydra_context=self.hydra_context,
+            singleton_state=Singleton.get_state(),
+            task=task,
+            project_dir=CONTAINER_PROJECT_DIR if in_container else os.getcwd(),
+            container=container,
+        )
+
+    # ---- backend=local ------------------------------------------------------------------------------------
+    def _run_local(self, jobs: list[Job], spec: ImageSpec) -> list[JobReturn]:
+        from stylekit.remote.app import build_remote
+        from stylekit.remote.worker import TaskRef, dumps, loads
+
+        assert self.config is not None and self.task_function is not None
+        worker = build_remote(self.conf, spec).worker
+        task = TaskRef.of(self.task_function)
+        returns = []
+        for job in jobs:
+            with warnings.catch_warnings():
+                # Function.local() warns that volumes are not mounted: backend=local uses local paths.
+                warnings.filterwarnings("ignore", message=".*executing locally.*")
+                result = loads(worker.local(dumps(self.payload(job, task, in_container=False))))
+            returns.append(to_job_return(result, job))
+            configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        return returns
+
+
+def _settings(params: dict[str, Any]) -> ModalLauncherConf:
+    """The launcher's parameters, type-checked against its dataclass."""
+    params = {k: v for k, v in params.items() if k != "_target_"}
+    merged = OmegaConf.merge(OmegaConf.structured(ModalLauncherConf), params)
+    conf = OmegaConf.to_object(merged)
+    assert isinstance(conf, ModalLauncherConf)
+    if conf.backend not in BACKENDS:
+        raise ValueError(f"hydra.launcher.backend={conf.backend!r}: expected one of {', '.join(BACKENDS)}")
+    return conf
+
+
+def _dry_return(job: Job) -> JobReturn:
+    return JobReturn(
+        overrides=list(job.overrides),
+        working_dir=str(job.local_dir),
+        task_name=str(OmegaConf.select(job.config, "hydra.job.name", default="")),
+        status=JobStatus.COMPLETED,
+    )
