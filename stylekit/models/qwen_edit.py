@@ -170,6 +170,8 @@ class QwenEditFamily(ModelFamily):
         v1 (edit_inpaint) masks natively. The edit-plus pipeline (2509/2511) has no mask input, so it is held to
         the mask in latent space: see `held_to_mask`.
         """
+        from contextlib import nullcontext
+
         width, height = image.size
         steps, strength = int(settings["num_inference_steps"]), float(settings["strength"])
         kwargs: dict[str, Any] = {
@@ -184,11 +186,13 @@ class QwenEditFamily(ModelFamily):
         # Only guidance-distilled checkpoints take guidance_scale; the others warn on every call.
         if pipe.transformer.config.guidance_embeds:
             kwargs["guidance_scale"] = settings.get("guidance_scale")
+        during: AbstractContextManager[Any] = nullcontext()
         if self.pipeline == "edit_inpaint":
             kwargs.update(image=image, mask_image=mask, strength=strength)
         else:
-            kwargs.update(image=[image], **held_to_mask(pipe, image, mask, strength, steps, generator))
-        with self.call_context(pipe):
+            held, during = held_to_mask(pipe, image, mask, strength, steps, generator)
+            kwargs.update(image=[image], **held)
+        with self.call_context(pipe), during:
             return pipe(**kwargs).images[0]
 
 
@@ -197,18 +201,22 @@ class QwenEditFamily(ModelFamily):
 
 def held_to_mask(
     pipe: Any, image: Any, mask: Any, strength: float, steps: int, generator: Any
-) -> dict[str, Any]:
-    """QwenImageEditPlusPipeline arguments that confine its edit to `mask` (L, 255 = edit).
+) -> tuple[dict[str, Any], AbstractContextManager[None]]:
+    """QwenImageEditPlusPipeline arguments that confine its edit to `mask` (L, 255 = edit), and a context to
+    make the call in.
 
     After every step the latents outside the mask become the original image's latents re-noised to the next
     step's sigma (flow matching: x_t = (1 - sigma) x0 + sigma noise), the clean original after the last, so the
     model denoises the masked region in the context of the real surroundings. The noise is the pipeline's own
     first draw from `generator`, passed in as `latents`. strength < 1 starts from the original noised to the
     schedule's sigma at that point and runs only the rest of the steps, as diffusers' img2img pipelines do.
+    The context hands the pipeline our encoding of the image when it encodes the same pixels as its condition.
     """
     import numpy as np
 
-    original, noise, region = _packed_latents(pipe, image, mask, generator)
+    device = pipe._execution_device  # walks every module's hooks: ask once
+    pixels, encoded = _encode(pipe, image, device)
+    original, noise, region = _packed(pipe, encoded, mask, generator, device)
     kwargs: dict[str, Any] = {
         "latents": noise,
         "callback_on_step_end": MaskHold(original, noise, region),
@@ -221,7 +229,7 @@ def held_to_mask(
         kwargs.update(
             sigmas=sigmas, num_inference_steps=len(sigmas), latents=(1 - sigma) * original + sigma * noise
         )
-    return kwargs
+    return kwargs, _reused_encoding(pipe, pixels, encoded)
 
 
 class MaskHold:
@@ -240,25 +248,56 @@ class MaskHold:
         return {"latents": self.region * latents + (1 - self.region) * target.to(latents.dtype)}
 
 
-def _packed_latents(pipe: Any, image: Any, mask: Any, generator: Any) -> tuple[torch.Tensor, ...]:
+def _encode(pipe: Any, image: Any, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The image preprocessed and VAE-encoded exactly as the pipeline does it: (b, c, frames, h, w) each."""
+    width, height = image.size
+    pixels = pipe.image_processor.preprocess(image, height, width).unsqueeze(2)
+    pixels = pixels.to(device, pipe.text_encoder.dtype)  # the pipeline's latent dtype
+    return pixels, pipe._encode_vae_image(pixels, generator=None)
+
+
+def _packed(
+    pipe: Any, encoded: torch.Tensor, mask: Any, generator: Any, device: Any
+) -> tuple[torch.Tensor, ...]:
     """The original's latents, the initial noise and the edit region, packed (1, seq, c * 4) as the pipeline
     packs its latents (2x2 latent patches); the region is (1, seq, 1), 1 where any pixel of the patch is masked."""
     import numpy as np
     import torch
     from diffusers.utils.torch_utils import randn_tensor
 
-    width, height = image.size
-    device, dtype = pipe._execution_device, pipe.text_encoder.dtype  # the pipeline's latent dtype
-    pixels = pipe.image_processor.preprocess(image, height, width).unsqueeze(2)  # (b, c, frames, h, w)
-    encoded = pipe._encode_vae_image(pixels.to(device, pipe.vae.dtype), generator=None)
+    dtype = pipe.text_encoder.dtype
     _, channels, _, lat_h, lat_w = encoded.shape
     original = pipe._pack_latents(encoded, 1, channels, lat_h, lat_w).to(dtype)
+    # The pipeline's own first draw: same shape, generator, device and dtype as its prepare_latents.
     noise = randn_tensor((1, 1, channels, lat_h, lat_w), generator=generator, device=device, dtype=dtype)
     noise = pipe._pack_latents(noise, 1, channels, lat_h, lat_w)
     edit = torch.from_numpy(np.asarray(mask.convert("L")) > 127).float()[None, None]
     cells = torch.nn.functional.max_pool2d(edit, pipe.vae_scale_factor)
     region = pipe._pack_latents(cells, 1, 1, lat_h, lat_w).amax(dim=-1, keepdim=True)
     return original, noise, region.to(device, dtype)
+
+
+@contextmanager
+def _reused_encoding(pipe: Any, pixels: torch.Tensor, encoded: torch.Tensor) -> Iterator[None]:
+    """While active, the pipeline's VAE encoding of `pixels` returns `encoded` instead of a second VAE pass.
+
+    The pipeline encodes its condition image at the condition area; when that is the output size (the usual
+    case: both about 1 MP) the pixels are the ones `_encode` already encoded, bit for bit.
+    """
+    import torch
+
+    encode = pipe._encode_vae_image
+
+    def reuse(image: torch.Tensor, generator: Any) -> torch.Tensor:
+        if image.shape == pixels.shape and torch.equal(image, pixels.to(image.device, image.dtype)):
+            return encoded
+        return encode(image, generator)
+
+    pipe._encode_vae_image = reuse
+    try:
+        yield
+    finally:
+        del pipe._encode_vae_image  # the class's method again
 
 
 def _first_sigma(pipe: Any, sigmas: list[float], seq_len: int) -> float:
