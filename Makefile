@@ -37,7 +37,8 @@ format: install ## Apply ruff's formatting and safe fixes
 smoke: install ## One tiny run per family on CPU: train 2 steps, then inpaint the demo photo with that LoRA
 	@set -e; for m in tiny_flux tiny_sdxl tiny_qwen_edit; do \
 	  out=outputs/smoke/$$m; rm -rf $$out; \
-	  extra=""; [ $$m = tiny_qwen_edit ] && extra="data.control_dir=assets/demo/train"; \
+	  extra=""; if [ $$m = tiny_qwen_edit ]; then \
+	    mkdir -p $$out/controls && cp assets/demo/train/*.jpg $$out/controls/ && extra="data.control_dir=$$out/controls"; fi; \
 	  $(RUN) stylekit finetune model=$$m data.dataset_dir=assets/demo/train data.trigger=sks $$extra \
 	    trainer.max_steps=2 logger=none trainer.resume=never trainer.checkpoint_root=$$out/checkpoints \
 	    hydra.run.dir=$$out/train; \

@@ -115,7 +115,7 @@ def _run(task: str, overrides: list[str]) -> None:
 
     from stylekit.app import LAST_RUNS
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     sys.argv = [f"stylekit {task}", *overrides]
     try:
         _hydra_app(task)()
@@ -133,7 +133,7 @@ def _summary(console: Any, run: dict) -> None:
         console.print(f"[green]done[/] in {run['seconds']:.0f}s: LoRA {lora}, samples in {Path(where or '.') / 'samples'}"
                       f", validation loss {result:.4f}")  # fmt: skip
     else:
-        written = (result or {}).get("written", []) if isinstance(result, dict) else []
+        written = (result or {}).get("outputs", []) if isinstance(result, dict) else []
         console.print(f"[green]done[/] in {run['seconds']:.0f}s: {len(written)} image(s) written to {where}")
         for path in written[:10]:
             console.print(f"  {path}", markup=False)
