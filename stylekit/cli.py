@@ -139,41 +139,27 @@ def _summary(console: Any, run: dict) -> None:
             console.print(f"  {path}", markup=False)
 
 
-def _overrides(ctx: typer.Context, config: Path | None) -> list[str]:
-    base = _config_file_overrides(config) if config else []
-    return base + list(ctx.args)
+ConfigOption = Annotated[Path | None, typer.Option("--config", help="YAML file of settings, applied first.")]
+MultirunOption = Annotated[bool, typer.Option("--multirun", "-m", help="Sweep comma-separated values.")]
+
+
+def _run_with_options(task: str, ctx: typer.Context, config: Path | None, multirun: bool) -> None:
+    try:
+        overrides = (_config_file_overrides(config) if config else []) + list(ctx.args)
+    except UsageError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    _run(task, (["--multirun"] if multirun else []) + overrides)
 
 
 @app.command(context_settings=CONTEXT, help=FINETUNE_HELP)
-def finetune(
-    ctx: typer.Context,
-    config: Annotated[
-        Path | None, typer.Option("--config", help="YAML file of settings, applied first.")
-    ] = None,
-    multirun: Annotated[bool, typer.Option("--multirun", "-m", help="Sweep comma-separated values.")] = False,
-) -> None:
-    try:
-        overrides = _overrides(ctx, config)
-    except UsageError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from None
-    _run("train", (["--multirun"] if multirun else []) + overrides)
+def finetune(ctx: typer.Context, config: ConfigOption = None, multirun: MultirunOption = False) -> None:
+    _run_with_options("train", ctx, config, multirun)
 
 
 @app.command(context_settings=CONTEXT, help=INPAINT_HELP)
-def inpaint(
-    ctx: typer.Context,
-    config: Annotated[
-        Path | None, typer.Option("--config", help="YAML file of settings, applied first.")
-    ] = None,
-    multirun: Annotated[bool, typer.Option("--multirun", "-m", help="Sweep comma-separated values.")] = False,
-) -> None:
-    try:
-        overrides = _overrides(ctx, config)
-    except UsageError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from None
-    _run("inpaint", (["--multirun"] if multirun else []) + overrides)
+def inpaint(ctx: typer.Context, config: ConfigOption = None, multirun: MultirunOption = False) -> None:
+    _run_with_options("inpaint", ctx, config, multirun)
 
 
 @app.command(context_settings=CONTEXT)
