@@ -89,7 +89,7 @@ class FluxFamily(ModelFamily):
         b, c, h, w = latents.shape
         noisy, target = flow.noisy_and_target(latents, noise, t)
         core = getattr(denoiser, "module", denoiser)  # unwrapped under DDP
-        device, dtype = latents.device, core.dtype
+        device, dtype = latents.device, flow.module_dtype(core)
         embeds = batch["prompt_embeds"].to(dtype)
         guidance = None
         if core.config.guidance_embeds:

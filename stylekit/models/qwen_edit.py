@@ -135,7 +135,7 @@ class QwenEditFamily(ModelFamily):
         ch, cw = control.shape[-2:]
         noisy, target = flow.noisy_and_target(latents, noise, t)
         core = getattr(denoiser, "module", denoiser)  # unwrapped under DDP
-        dtype = core.dtype
+        dtype = flow.module_dtype(core)
         packed = pack(noisy, b, c, h, w)
         hidden = torch.cat([packed, pack(control, b, c, ch, cw)], dim=1).to(dtype)
         prediction = denoiser(

@@ -93,7 +93,7 @@ class SDXLFamily(ModelFamily):
         # (original size, crop top-left, target size): the whole bucket, uncropped.
         time_ids = torch.tensor([[h * 8, w * 8, 0, 0, h * 8, w * 8]], device=latents.device).repeat(b, 1)
         core = getattr(denoiser, "module", denoiser)  # unwrapped under DDP
-        dtype = core.dtype
+        dtype = flow.module_dtype(core)
         prediction = denoiser(
             noisy.to(dtype),
             timesteps,

@@ -63,7 +63,9 @@ class Batches:
         return self._orders[epoch]
 
     def __len__(self) -> int:
-        return len(self._epoch(0))
+        # Every epoch has the same number of batches; asking for epoch 0 evicted the cached current epoch, so
+        # each get() past the first epoch shuffled twice.
+        return len(self._epoch(next(iter(self._orders), 0)))
 
     def get(self, micro: int) -> dict[str, Any]:
         per_epoch = len(self)
@@ -130,8 +132,27 @@ def check_trainer_config(cfg: DictConfig) -> None:
     for key, value in positive.items():
         if not isinstance(value, int) or value < 1:
             raise UsageError(f"{key}={value} must be a positive integer")
+    # A typo like optimizer.lr=1e-4x must not surface as a ValueError traceback (or after the model loads).
+    numbers = (
+        ("seed", cfg.seed, int),
+        ("lora.rank", cfg.lora.rank, int),
+        ("optimizer.lr", cfg.optimizer.lr, float),
+        ("lora.alpha", cfg.lora.alpha, float),
+    )
+    for key, value, kind in numbers:
+        try:
+            kind(value)
+        except (TypeError, ValueError):
+            what = "a whole number" if kind is int else "a number"
+            raise UsageError(f"{key}={value} must be {what}") from None
     if float(cfg.optimizer.lr) <= 0:
         raise UsageError(f"optimizer.lr={cfg.optimizer.lr} must be > 0 (e.g. 1e-4)")
+    from stylekit.train.optim import OPTIMIZERS, SCHEDULES
+
+    if str(cfg.optimizer.name) not in OPTIMIZERS:
+        raise UsageError(f"optimizer.name={cfg.optimizer.name!r} is not one of: {', '.join(OPTIMIZERS)}")
+    if str(t.lr_scheduler) not in SCHEDULES:
+        raise UsageError(f"trainer.lr_scheduler={t.lr_scheduler!r} is not one of: {', '.join(SCHEDULES)}")
     if int(cfg.lora.rank) < 1:
         raise UsageError(f"lora.rank={cfg.lora.rank} must be a positive integer (e.g. 4, 16, 64)")
     if t.mixed_precision not in ("auto", "no", "bf16", "fp16"):

@@ -20,18 +20,26 @@ VALIDATION_SIGMAS = (0.25, 0.5, 0.75)
 
 
 def run(cfg: DictConfig) -> float:
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     from stylekit.data.dataset import dataset_hash, prepare_class_samples, prepare_samples
+    from stylekit.train.checkpoint import resolve_resume
 
     loop.check_trainer_config(cfg)
-    family = instantiate(cfg.model)
+    resolve_resume(str(cfg.trainer.resume), loop.checkpoint_root(cfg))  # a mistyped path fails before loading
+    try:
+        family = instantiate(cfg.model)
+    except InstantiationException as error:  # a bad model.* value: the family's own one-line message
+        if isinstance(error.__cause__, UsageError):
+            raise error.__cause__ from None
+        raise
     # Every data problem surfaces here, before any model is loaded.
     samples = prepare_samples(cfg, multiple=family.resolution_multiple, seed=int(cfg.seed))
     samples = _with_controls(samples, family)
     train_samples, val_samples = _split_validation(samples, int(cfg.trainer.get("val_images", 1)))
     run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    _make_folders(cfg, run_dir)
     session = Session(cfg, family, run_dir)
     try:
         with session.tracker:
@@ -51,6 +59,22 @@ def run(cfg: DictConfig) -> float:
         ) from error
     finally:
         loop.free_memory()
+
+
+def _make_folders(cfg: DictConfig, run_dir: Path) -> None:
+    """The run dir, checkpoint and cache folders, made before any model loads: one that cannot be made (a path
+    under a file, a read-only mount) is the user's one line, not a traceback after minutes of loading."""
+    folders = [("output_dir", cfg.output_dir, run_dir)]
+    folders.append(("trainer.checkpoint_root", cfg.trainer.checkpoint_root, loop.checkpoint_root(cfg)))
+    if cfg.trainer.cache_latents and cfg.trainer.get("cache_dir"):
+        folders.append(("trainer.cache_dir", cfg.trainer.cache_dir, Path(cfg.trainer.cache_dir)))
+    for key, value, folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UsageError(
+                f"{key}={value} cannot be created ({error.strerror or error}); choose another folder"
+            ) from None
 
 
 def _with_controls(samples: list, family: Any) -> list:
@@ -242,7 +266,7 @@ class Session:
                 done = step + 1
                 lr = schedule.get_last_lr()[0]
                 bar.update(1)
-                bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}")
+                bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}", refresh=False)  # update() redraws
                 self.tracker.log(
                     {"train/loss": total, "train/lr": lr, "train/step_seconds": timer()}, step=done
                 )
@@ -272,7 +296,12 @@ class Session:
     def _micro_loss(self, batches: Batches, prior: Batches | None, micro: int) -> Any:
         import torch
 
-        torch.manual_seed(loop.micro_generator(self.seed, micro).initial_seed())  # LoRA dropout
+        # LoRA dropout draws from the global generators. Not torch.manual_seed: with CUDA not initialised (CPU
+        # runs) it formats a stack trace on every call, ~1 ms a step.
+        seed = loop.micro_generator(self.seed, micro).initial_seed()
+        torch.random.default_generator.manual_seed(seed)
+        if self.runtime.is_cuda:
+            torch.cuda.manual_seed(seed)
         loss = self._batch_loss(batches.get(micro), loop.micro_generator(self.seed, micro)).mean()
         if prior is not None:
             prior_loss = self._batch_loss(prior.get(micro), loop.micro_generator(self.seed + 7, micro)).mean()
@@ -316,7 +345,13 @@ class Session:
                 json.dumps({"step": step, "identity": loop.identity_hash(self.cfg)})
             )
 
-        manager.save(step, write)
+        try:
+            manager.save(step, write)
+        except OSError as error:  # a full disk: earlier checkpoints are intact (CheckpointManager.save)
+            raise UsageError(
+                f"could not save the step {step} checkpoint in {manager.root} ({error.strerror or error}); "
+                "free space there or set trainer.checkpoint_root, then rerun to resume from the last one"
+            ) from error
 
     def _resume(self, checkpoint: Path | None, optimizer: Any, schedule: Any) -> int:
         import torch
