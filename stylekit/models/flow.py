@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from typing import TYPE_CHECKING
 
 from stylekit.errors import UsageError
@@ -11,18 +10,6 @@ if TYPE_CHECKING:
     import torch
 
 TIMESTEP_SAMPLING = ("sigmoid", "logit_normal", "uniform")
-
-_DTYPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def module_dtype(module: torch.nn.Module) -> torch.dtype:
-    """`module.dtype`, looked up once per module. diffusers answers `.dtype` by walking every submodule (~5 us
-    each, thousands once a LoRA is attached): milliseconds on every training step. Loaded denoisers are not
-    cast afterwards, so the first answer stays right."""
-    dtype = _DTYPES.get(module)
-    if dtype is None:
-        dtype = _DTYPES[module] = module.dtype
-    return dtype
 
 
 def sample_sigmas(

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from stylekit.models import flow
-from stylekit.models.base import ModelFamily
+from stylekit.models.base import JOINT_ATTENTION_TARGETS, ModelFamily, module_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -28,14 +28,7 @@ class FluxFamily(ModelFamily):
     }
     # Attention and feed-forward projections of the double- and single-stream blocks.
     default_lora_targets: ClassVar[tuple[str, ...]] = (
-        "to_q",
-        "to_k",
-        "to_v",
-        "to_out.0",
-        "add_q_proj",
-        "add_k_proj",
-        "add_v_proj",
-        "to_add_out",
+        *JOINT_ATTENTION_TARGETS,
         "ff.net.0.proj",
         "ff.net.2",
         "ff_context.net.0.proj",
@@ -89,7 +82,7 @@ class FluxFamily(ModelFamily):
         b, c, h, w = latents.shape
         noisy, target = flow.noisy_and_target(latents, noise, t)
         core = getattr(denoiser, "module", denoiser)  # unwrapped under DDP
-        device, dtype = latents.device, flow.module_dtype(core)
+        device, dtype = latents.device, module_dtype(core)
         embeds = batch["prompt_embeds"].to(dtype)
         guidance = None
         if core.config.guidance_embeds:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from stylekit.models import flow
-from stylekit.models.base import ModelFamily
+from stylekit.models.base import JOINT_ATTENTION_TARGETS, ModelFamily, module_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -58,14 +58,7 @@ class QwenEditFamily(ModelFamily):
         "edit_inpaint": "QwenImageEditInpaintPipeline",
     }
     default_lora_targets: ClassVar[tuple[str, ...]] = (
-        "to_q",
-        "to_k",
-        "to_v",
-        "to_out.0",
-        "add_q_proj",
-        "add_k_proj",
-        "add_v_proj",
-        "to_add_out",
+        *JOINT_ATTENTION_TARGETS,
         "img_mlp.net.0.proj",
         "img_mlp.net.2",
         "txt_mlp.net.0.proj",
@@ -135,7 +128,7 @@ class QwenEditFamily(ModelFamily):
         ch, cw = control.shape[-2:]
         noisy, target = flow.noisy_and_target(latents, noise, t)
         core = getattr(denoiser, "module", denoiser)  # unwrapped under DDP
-        dtype = flow.module_dtype(core)
+        dtype = module_dtype(core)
         packed = pack(noisy, b, c, h, w)
         hidden = torch.cat([packed, pack(control, b, c, ch, cw)], dim=1).to(dtype)
         prediction = denoiser(

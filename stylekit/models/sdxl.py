@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from stylekit.errors import UsageError
 from stylekit.models import flow
-from stylekit.models.base import ModelFamily
+from stylekit.models.base import ModelFamily, module_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -93,7 +93,7 @@ class SDXLFamily(ModelFamily):
         # (original size, crop top-left, target size): the whole bucket, uncropped.
         time_ids = torch.tensor([[h * 8, w * 8, 0, 0, h * 8, w * 8]], device=latents.device).repeat(b, 1)
         core = getattr(denoiser, "module", denoiser)  # unwrapped under DDP
-        dtype = flow.module_dtype(core)
+        dtype = module_dtype(core)
         prediction = denoiser(
             noisy.to(dtype),
             timesteps,
