@@ -111,6 +111,8 @@ class ModelFamily:
     train_pipeline_class: ClassVar[str]
     inpaint_pipeline_classes: ClassVar[dict[str, str]]  # model.pipeline value -> diffusers class name
     default_lora_targets: ClassVar[tuple[str, ...]]
+    # Key prefix of the kohya/ComfyUI-format LoRA copy (trainer.lora_format=comfyui).
+    comfyui_prefix: ClassVar[str] = "lora_unet_"
     # Whether training samples need a control (source) image, as edit models do.
     needs_control: ClassVar[bool] = False
 
@@ -171,8 +173,8 @@ class ModelFamily:
         return list(self.lora_targets) if self.lora_targets else list(self.default_lora_targets)
 
     # ---- loading ------------------------------------------------------------------------------------------
-    def runtime(self) -> Runtime:
-        return resolve_runtime(self.dtype)
+    def runtime(self, device: str | None = None) -> Runtime:
+        return resolve_runtime(self.dtype, device)
 
     def _from_pretrained_kwargs(self, runtime: Runtime) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"torch_dtype": runtime.dtype}
@@ -274,8 +276,8 @@ class ModelFamily:
         elif self.offload == "sequential":
             pipe.enable_sequential_cpu_offload()
             return
-        if self.quantize == "none":
-            pipe.to(runtime.device)
+        # Quantized modules too: diffusers moves bitsandbytes weights itself and leaves them where they belong.
+        pipe.to(runtime.device)
 
     def describe(self) -> dict[str, Any]:
         """What identifies the base model, for LoRA metadata, PNG text and logs."""

@@ -27,6 +27,8 @@ class FluxFamily(ModelFamily):
         "inpaint": "FluxInpaintPipeline",
     }
     # Attention and feed-forward projections of the double- and single-stream blocks.
+    # ComfyUI reads lora_unet_* FLUX keys as its own BFL layout; diffusers module names go as lora_transformer_*.
+    comfyui_prefix: ClassVar[str] = "lora_transformer_"
     default_lora_targets: ClassVar[tuple[str, ...]] = (
         *JOINT_ATTENTION_TARGETS,
         "ff.net.0.proj",

@@ -81,7 +81,8 @@ class SDXLFamily(ModelFamily):
         import torch
 
         scheduler = self._noise_scheduler
-        latents = batch["latents"]
+        # fp32 for the noise schedule: in bf16, sqrt(1 - alpha_bar) rounds to 0 at small t.
+        latents, noise = batch["latents"].float(), noise.float()
         b, _, h, w = latents.shape
         steps = scheduler.config.num_train_timesteps
         timesteps = (t * steps).long().clamp(0, steps - 1).to(latents.device)

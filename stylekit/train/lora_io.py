@@ -111,9 +111,12 @@ def save_lora(
         if comfyui:
             write_comfyui_copy(tmp / WEIGHT_NAME, tmp / COMFY_NAME, family, float(config.lora_alpha))
         (tmp / "README.md").write_text(model_card(metadata))
+        # The previous LoRA stays on disk until the new one is in place.
+        aside = out_dir.with_name(f".{out_dir.name}-old-{os.getpid()}")
         if out_dir.exists():
-            shutil.rmtree(out_dir)
+            os.replace(out_dir, aside)
         os.replace(tmp, out_dir)
+        shutil.rmtree(aside, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -173,7 +176,7 @@ def write_comfyui_copy(source: Path, target: Path, family: ModelFamily, alpha: f
         if not match:
             continue
         module, kind = match.groups()
-        base = "lora_unet_" + module.replace(".", "_")
+        base = family.comfyui_prefix + module.replace(".", "_")
         suffix = "lora_down" if kind in ("lora_A", "lora.down") else "lora_up"
         out[f"{base}.{suffix}.weight"] = tensor
         out[f"{base}.alpha"] = torch.tensor(alpha)

@@ -109,18 +109,26 @@ class Session:
     def __init__(self, cfg: DictConfig, family: Any, run_dir: Path) -> None:
         from stylekit.tracking import make_tracker
 
-        self.cfg, self.family, self.run_dir = cfg, family, run_dir
+        self.cfg, self.family = cfg, family
         self.trainer = cfg.trainer
         self.seed = int(cfg.seed)
+        # The Accelerator comes first: under `accelerate launch` it pins each rank to its own GPU, and every
+        # model must load onto that device, not onto cuda:0.
+        self.accelerator = _accelerator(str(self.trainer.mixed_precision))
+        self.run_dir = _shared_run_dir(self.accelerator, run_dir)
         resolved = OmegaConf.to_container(cfg, resolve=True)
-        self.tracker = make_tracker(cfg.logger, run_dir, resolved)
+        if self.accelerator.is_main_process:
+            self.tracker = make_tracker(cfg.logger, self.run_dir, resolved)
+        else:  # one W&B run per job, not per GPU; other ranks keep their metrics beside it
+            rank = self.accelerator.process_index
+            self.tracker = make_tracker({"backend": "none"}, self.run_dir / "ranks" / str(rank), resolved)
         self.checkpoint_root = loop.checkpoint_root(cfg)
         self.denoiser = None
         self.class_examples: list[Encoded] = []
 
     # ---- models -----------------------------------------------------------------------------------------
     def prepare_models(self) -> None:
-        self.runtime = self.family.runtime()
+        self.runtime = self.family.runtime(str(self.accelerator.device))
         self.family.quantization_config(self.runtime)  # CUDA-only settings fail before any weights load
         self.encoders = self.family.load_encoders(self.runtime)
 
@@ -180,8 +188,11 @@ class Session:
         loop.free_memory()
 
     def _model_id(self) -> str:
-        f = self.family
-        return f"{f.family}:{f.pretrained}@{f.revision or 'main'}:{f.source('train')}"
+        """Everything about the family that can change an encoding (sequence length, condition areas...)."""
+        import dataclasses
+
+        settings = {k: v for k, v in dataclasses.asdict(self.family).items() if k != "inference"}
+        return f"{self.family.family}:{self.family.source('train')}:{json.dumps(settings, sort_keys=True)}"
 
     def _encode(self, sample: Any) -> Encoded:
         import torch
@@ -214,7 +225,6 @@ class Session:
     # ---- training ---------------------------------------------------------------------------------------
     def train(self) -> float:
         import torch
-        from accelerate import Accelerator
         from tqdm.auto import tqdm
 
         from stylekit.train import lora_io
@@ -232,9 +242,10 @@ class Session:
             p.data = p.data.float()
         optimizer = make_optimizer(params, self.cfg.optimizer)
         schedule = make_schedule(optimizer, trainer)
-        accelerator = Accelerator(mixed_precision=self._mixed_precision(), cpu=not self.runtime.is_cuda)
-        model, optimizer, schedule = accelerator.prepare(denoiser, optimizer, schedule)
-        self.accelerator, self.model = accelerator, model
+        accelerator = self.accelerator
+        # The schedule stays unwrapped: accelerate's wrapper would step it once per process on every step.
+        model, optimizer = accelerator.prepare(denoiser, optimizer)
+        self.model = model
         manager = CheckpointManager(self.checkpoint_root, int(trainer.keep_checkpoints))
         start = self._resume(resolve_resume(str(trainer.resume), self.checkpoint_root), optimizer, schedule)
         batches = Batches(self.examples, int(trainer.batch_size), self.seed)
@@ -286,12 +297,6 @@ class Session:
         self.final_val_loss = val_loss
         self.steps_done = max(start, max_steps)  # what the weights saw (a rerun may ask for fewer steps)
         return val_loss
-
-    def _mixed_precision(self) -> str:
-        wanted = str(self.trainer.mixed_precision)
-        if not self.runtime.is_cuda:
-            return "no"
-        return "bf16" if wanted == "auto" else wanted
 
     def _micro_loss(self, batches: Batches, prior: Batches | None, micro: int) -> Any:
         import torch
@@ -388,6 +393,16 @@ class Session:
         return sum(losses) / len(losses)
 
     def validate(self, step: int, samples: bool = True) -> float:
+        # LoRA dropout off while validating, then each module back in the mode it had.
+        modes = {module: module.training for module in self.model.modules()}
+        self.model.eval()
+        try:
+            return self._validate(step, samples)
+        finally:
+            for module, training in modes.items():
+                module.training = training
+
+    def _validate(self, step: int, samples: bool) -> float:
         val_loss = self.validation_loss()
         log.info("step %d: validation loss %.5f", step, val_loss)
         self.tracker.log({"val/loss": val_loss}, step=step)
@@ -451,6 +466,7 @@ class Session:
                                     lora_dir, metadata, comfyui=comfy)  # fmt: skip
         # The check users care about: the file applies to an untouched base model.
         self.model = self.denoiser = None
+        self.accelerator.free_memory()  # it holds the trained model and optimizer too
         loop.free_memory()
         fresh = self.family.pipeline_with(self.family.load_denoiser(self.runtime), self.encoders)
         lora_io.verify_loads(fresh, lora_dir)
@@ -486,3 +502,24 @@ def _png_bytes(image: Any) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _accelerator(mixed_precision: str) -> Any:
+    import torch
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+
+    cuda = torch.cuda.is_available()
+    precision = "no" if not cuda else ("bf16" if mixed_precision == "auto" else mixed_precision)
+    # Some LoRA targets get no gradient (Qwen's last block discards its text stream); DDP must not wait for them.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    return Accelerator(mixed_precision=precision, cpu=not cuda, kwargs_handlers=[ddp])
+
+
+def _shared_run_dir(accelerator: Any, run_dir: Path) -> Path:
+    """Every rank writes where rank 0 does (each resolved its own ${now:...})."""
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        run_dir = Path(broadcast_object_list([str(run_dir)])[0])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir

@@ -316,12 +316,14 @@ def test_saved_lora_changes_a_fresh_diffusers_pipeline_and_weight_zero_or_unload
     np.testing.assert_allclose(_generate(model, pipe, control), base, atol=1e-5)
 
 
-def test_comfyui_format_also_writes_a_kohya_keyed_copy(tmp_path: Path, data: Data) -> None:
+def test_comfyui_format_also_writes_a_comfyui_keyed_copy(tmp_path: Path, data: Data) -> None:
     result = train(tmp_path, data, trainer__max_steps=1, trainer__lora_format="comfyui")
 
     diffusers_keys = load_lora(result.lora)
     comfy = load_lora(result.run_dir / "lora" / COMFY_NAME)
-    pattern = re.compile(r"lora_unet_(\w+)\.(lora_down\.weight|lora_up\.weight|alpha)")
+    # ComfyUI maps lora_unet_* FLUX keys onto its own layout; diffusers-named FLUX modules go as lora_transformer_*.
+    prefix = "lora_transformer_"
+    pattern = re.compile(prefix + r"(\w+)\.(lora_down\.weight|lora_up\.weight|alpha)")
     modules: dict[str, set[str]] = {}
     for key in comfy:
         match = pattern.fullmatch(key)
@@ -330,9 +332,9 @@ def test_comfyui_format_also_writes_a_kohya_keyed_copy(tmp_path: Path, data: Dat
     assert all(parts == {"lora_down.weight", "lora_up.weight", "alpha"} for parts in modules.values())
     assert len(modules) == sum(key.endswith("lora_A.weight") for key in diffusers_keys)
     for module in modules:
-        down, up = comfy[f"lora_unet_{module}.lora_down.weight"], comfy[f"lora_unet_{module}.lora_up.weight"]
+        down, up = comfy[f"{prefix}{module}.lora_down.weight"], comfy[f"{prefix}{module}.lora_up.weight"]
         assert down.shape[0] == 4 and up.shape[1] == 4
-        assert float(comfy[f"lora_unet_{module}.alpha"]) == 4.0
+        assert float(comfy[f"{prefix}{module}.alpha"]) == 4.0
     assert read_metadata(result.run_dir / "lora" / COMFY_NAME)["stylekit.family"] == "flux"
 
 
