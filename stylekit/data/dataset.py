@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
+# The pixel limit of stylekit.inpaint.images: larger files are decompression bombs, not photos. Checked here
+# because Pillow's own limit is global state (importing the inpaint module raises it past a 20000^2 bomb).
+MAX_PIXELS = 16384 * 16384
 METADATA_FILE = "metadata.jsonl"
 TRIGGER_TOKEN = "[trigger]"
 HASH_CHARS = 16
@@ -92,7 +96,14 @@ def load_rgb(path: str | Path) -> Image.Image:
     """Decode an image upright (EXIF orientation applied) as 8-bit RGB; UnreadableImageError if it can't be."""
     path = Path(path)
     try:
-        with Image.open(path) as opened:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the check below says it once
+            opened = Image.open(path)
+        with opened:
+            if opened.width * opened.height > MAX_PIXELS:
+                raise Image.DecompressionBombError(
+                    f"{opened.width}x{opened.height} is more than {MAX_PIXELS} pixels (16384x16384)"
+                )
             opened.load()
             img = ImageOps.exif_transpose(opened)
     # Pillow's decoders raise a zoo of types on corrupt input (OSError, SyntaxError, struct.error,

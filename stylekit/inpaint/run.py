@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -110,6 +111,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     family, opts, jobs, skipped = prepare(cfg)
     written: list[Path] = []
     if jobs:
+        _remove_stale_temps(opts, jobs)
         with _oom_as_usage_error("loading the model"):
             pipe = load_pipeline(family, cfg.model)
         # The pipeline's execution device walks every module's hooks: ask once per run, not per image.
@@ -125,6 +127,28 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "seconds": seconds,
         "seconds_per_image": seconds / len(written) if written else 0.0,
     }
+
+
+_TEMP_NAME = re.compile(r"\.(.+)\.[0-9a-f]{12}\.tmp")  # save_png_atomic's temp file for output \1
+
+
+def _remove_stale_temps(opts: Options, jobs: list[Job]) -> None:
+    """Delete the temp files a run killed mid-save (kill -9 skips every cleanup) left for the outputs this run
+    is about to write: hidden `.<output name>.<12 hex>.tmp` files (save_png_atomic's names) only."""
+    suffixes = ("edited", "comparison") if opts.save_comparison else ("edited",)
+    names = {
+        output_path(opts.output_dir, job.image.stem, seed if len(opts.seeds) > 1 else None, suffix).name
+        for job in jobs
+        for seed, _ in job.outputs
+        for suffix in suffixes
+    }
+    with contextlib.suppress(OSError):
+        for path in opts.output_dir.iterdir():
+            match = _TEMP_NAME.fullmatch(path.name)
+            if match and match[1] in names:
+                log.info("removing %s, left by a run that was killed while saving", path)
+                with contextlib.suppress(OSError):
+                    path.unlink()
 
 
 class Saver:
@@ -168,6 +192,8 @@ def prepare(cfg: DictConfig) -> tuple[ModelFamily, Options, list[Job], int]:
     for job in jobs if family is not None else []:
         _record(problems, lambda job=job: _check_pair(job, opts, family))
     if problems:
+        # A bad setting (inpaint.mask.threshold, inpaint.context) is also met again by every pair's check.
+        problems = list(dict.fromkeys(problems))
         extra = len(problems) - MAX_LISTED_PROBLEMS
         listed = problems[:MAX_LISTED_PROBLEMS] + ([f"... and {extra} more"] if extra > 0 else [])
         raise UsageError("\n".join(listed))
