@@ -138,6 +138,14 @@ def check_trainer_config(cfg: DictConfig) -> None:
         ("lora.rank", cfg.lora.rank, int),
         ("optimizer.lr", cfg.optimizer.lr, float),
         ("lora.alpha", cfg.lora.alpha, float),
+        ("lora.dropout", cfg.lora.dropout, float),
+        ("optimizer.weight_decay", cfg.optimizer.get("weight_decay", 0.0), float),
+        ("trainer.guidance", t.guidance, float),
+        ("trainer.noise_offset", t.noise_offset, float),
+        ("trainer.shift", t.shift, float),
+        ("trainer.max_grad_norm", t.max_grad_norm or 0.0, float),
+        ("trainer.prior_loss_weight", t.prior_loss_weight, float),
+        ("trainer.warmup_steps", t.warmup_steps, int),
     )
     for key, value, kind in numbers:
         try:
@@ -155,6 +163,15 @@ def check_trainer_config(cfg: DictConfig) -> None:
         raise UsageError(f"trainer.lr_scheduler={t.lr_scheduler!r} is not one of: {', '.join(SCHEDULES)}")
     if int(cfg.lora.rank) < 1:
         raise UsageError(f"lora.rank={cfg.lora.rank} must be a positive integer (e.g. 4, 16, 64)")
+    if not 0.0 <= float(cfg.lora.dropout) < 1.0:
+        raise UsageError(f"lora.dropout={cfg.lora.dropout} must be in [0, 1)")
+    if float(cfg.optimizer.get("weight_decay", 0.0)) < 0:
+        raise UsageError(f"optimizer.weight_decay={cfg.optimizer.weight_decay} must be >= 0")
+    betas = cfg.optimizer.get("betas", [0.9, 0.999])
+    if len(betas) != 2 or not all(isinstance(b, int | float) and 0 <= b < 1 for b in betas):
+        raise UsageError(f"optimizer.betas={list(betas)} must be two numbers in [0, 1), e.g. [0.9,0.999]")
+    if str(t.lora_format) not in ("diffusers", "comfyui"):
+        raise UsageError(f"trainer.lora_format={t.lora_format!r} is not one of: diffusers, comfyui")
     if t.mixed_precision not in ("auto", "no", "bf16", "fp16"):
         raise UsageError(f"trainer.mixed_precision={t.mixed_precision!r} is not one of: auto, no, bf16, fp16")
 

@@ -747,3 +747,25 @@ def test_what_hydra_refuses_is_its_own_message_without_a_traceback(
     assert "Traceback" not in result.stdout + result.stderr
     assert first_line in result.stderr.strip().splitlines()[0], result.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("trainer.guidance=abc", "trainer.guidance"),
+        ("trainer.noise_offset=abc", "trainer.noise_offset"),
+        ("optimizer.weight_decay=-1", "optimizer.weight_decay"),
+        ("optimizer.betas=[2,3]", "optimizer.betas"),
+        ("trainer.lora_format=nope", "trainer.lora_format"),
+        ("lora.dropout=1.5", "lora.dropout"),
+    ],
+)
+def test_more_bad_training_numbers_are_caught_before_any_model_loads(override: str, key: str) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from stylekit.train.loop import check_trainer_config
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", ["model=tiny_flux", override])
+    with pytest.raises(UsageError, match=key.replace(".", r"\.")):
+        check_trainer_config(cfg)
