@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -99,7 +100,7 @@ def test_wandb_offline_run_lives_in_the_run_dir_and_no_secret_reaches_disk(
     assert not (run / "files" / "wandb-metadata.json").exists()  # argv/host/env metadata stays off
 
     (record,) = run.glob("*.wandb")
-    raw = record.read_bytes()
+    raw = _when_flushed(record, b"config-marker-42")
     # The grep below means something only if the config, group and name are stored as plain bytes.
     assert b"config-marker-42" in raw
     assert b"2025-01-02_03-04-05" in raw  # group: the sweep dir's name
@@ -109,6 +110,17 @@ def test_wandb_offline_run_lives_in_the_run_dir_and_no_secret_reaches_disk(
         data = path.read_bytes()
         for value in SENTINELS.values():
             assert value.encode() not in data, f"{value} leaked into {path}"
+
+
+def _when_flushed(record: Path, marker: bytes, timeout: float = 60.0) -> bytes:
+    """The .wandb file's bytes once W&B's writer process has flushed the run into it (it can lag finish()
+    on a loaded machine)."""
+    deadline = time.monotonic() + timeout
+    raw = record.read_bytes()
+    while marker not in raw and time.monotonic() < deadline:
+        time.sleep(0.5)
+        raw = record.read_bytes()
+    return raw
 
 
 def test_null_tracker_writes_metrics_summary_and_images(tmp_path: Path) -> None:
