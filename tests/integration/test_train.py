@@ -619,3 +619,47 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_a_rerun_finishes_the_same_lora
     assert_same_tensors(
         load_lora(stopped / "run" / "lora" / WEIGHT_NAME), load_lora(whole / "run" / "lora" / WEIGHT_NAME)
     )
+
+
+# ---- prior preservation ------------------------------------------------------------------------------------
+
+
+def test_prior_preservation_generates_missing_class_images_then_trains_with_them(
+    tmp_path: Path, data: Data
+) -> None:
+    from PIL import Image
+
+    class_dir = tmp_path / "class"
+    class_dir.mkdir()
+    Image.new("RGB", (96, 96), (120, 90, 60)).save(class_dir / "mine.png")  # one the user already had
+    result = train(
+        tmp_path,
+        data,
+        data__class_dir=class_dir,
+        data__class_prompt="a photo of a pattern",
+        data__num_class_images=3,
+        data__max_upscale=4,
+        trainer__max_steps=2,
+        trainer__prior_loss_weight=0.5,
+    )
+    generated = sorted(class_dir.glob("class_*.png"))
+    assert len(generated) == 2  # only what was missing
+    assert (class_dir / "mine.png").exists()
+    for path in generated:
+        with Image.open(path) as image:
+            image.load()
+            assert image.size == (64, 64)
+    assert result.lora.exists()
+    assert math.isfinite(result.loss)
+    # A rerun finds enough class images and generates none.
+    again = train(
+        tmp_path / "again",
+        data,
+        data__class_dir=class_dir,
+        data__class_prompt="a photo of a pattern",
+        data__num_class_images=3,
+        data__max_upscale=4,
+        trainer__max_steps=1,
+    )
+    assert sorted(class_dir.glob("class_*.png")) == generated
+    assert again.lora.exists()
