@@ -663,3 +663,26 @@ def test_prior_preservation_generates_missing_class_images_then_trains_with_them
     )
     assert sorted(class_dir.glob("class_*.png")) == generated
     assert again.lora.exists()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"lora__use_dora": True},
+        {"trainer__gradient_checkpointing": True},
+        {"lora__target_regex": "'transformer_blocks.0.attn.to_(q|v)'"},  # quoted: Hydra grammar
+    ],
+    ids=["dora", "gradient_checkpointing", "target_regex"],
+)
+def test_lora_variants_train_and_save(tmp_path: Path, data: Data, options: dict) -> None:
+    result = train(tmp_path, data, **options)
+    keys = load_lora(result.lora)
+    assert keys and math.isfinite(result.loss)
+    if "lora__target_regex" in options:
+        modules = {key.split(".lora_")[0] for key in keys}
+        assert modules == {
+            "transformer.transformer_blocks.0.attn.to_q",
+            "transformer.transformer_blocks.0.attn.to_v",
+        }
+    if "lora__use_dora" in options:
+        assert any("magnitude" in key for key in keys)
