@@ -261,6 +261,13 @@ class ModelFamily:
         denoiser = cls.from_pretrained(source, **kwargs)
         return denoiser if quantization is not None else denoiser.to(runtime.device)
 
+    def sample_timesteps(self, n: int, generator: torch.Generator, trainer: Any) -> torch.Tensor:
+        """Noise levels in (0, 1) for a training batch: rectified-flow sampling (FLUX, Qwen-Image); families
+        trained on another schedule override it."""
+        from stylekit.models import flow
+
+        return flow.sample_sigmas(n, generator, trainer.timestep_sampling, trainer.shift)
+
     def pipeline_with(self, denoiser: torch.nn.Module, encoders: DiffusionPipeline) -> DiffusionPipeline:
         """A full training-class pipeline from already loaded parts (validation samples, LoRA checks)."""
         cls = _diffusers_class(self.pipeline_class_name("train"))

@@ -65,9 +65,6 @@ class FluxFamily(ModelFamily):
         latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
         return (latents - vae.config.shift_factor) * vae.config.scaling_factor
 
-    def sample_timesteps(self, n: int, generator: torch.Generator, trainer: Any) -> torch.Tensor:
-        return flow.sample_sigmas(n, generator, trainer.timestep_sampling, trainer.shift)
-
     def training_loss(
         self,
         denoiser: Any,

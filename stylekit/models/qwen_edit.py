@@ -106,9 +106,6 @@ class QwenEditFamily(ModelFamily):
         video = pixels.to(vae.device, vae.dtype).unsqueeze(2)  # the Qwen VAE takes (b, c, frames, h, w)
         return pipe._encode_vae_image(video, generator=None)[:, :, 0]
 
-    def sample_timesteps(self, n: int, generator: torch.Generator, trainer: Any) -> torch.Tensor:
-        return flow.sample_sigmas(n, generator, trainer.timestep_sampling, trainer.shift)
-
     def training_loss(
         self,
         denoiser: Any,
