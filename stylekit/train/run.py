@@ -245,6 +245,11 @@ class Session:
         accelerator = self.accelerator
         # The schedule stays unwrapped: accelerate's wrapper would step it once per process on every step.
         model, optimizer = accelerator.prepare(denoiser, optimizer)
+        # One process and no fp16 loss scaling: accelerate's wrappers add only per-step bookkeeping (an importlib
+        # search, signature inspection, a DTensor scan of every parameter), so step the plain optimizer.
+        single = accelerator.num_processes == 1 and accelerator.scaler is None
+        stepper = optimizer.optimizer if single else optimizer
+        clip = torch.nn.utils.clip_grad_norm_ if single else accelerator.clip_grad_norm_
         self.model = model
         manager = CheckpointManager(self.checkpoint_root, int(trainer.keep_checkpoints))
         start = self._resume(resolve_resume(str(trainer.resume), self.checkpoint_root), optimizer, schedule)
@@ -270,10 +275,10 @@ class Session:
                     accelerator.backward(loss)
                     total += float(loss.detach())
                 if trainer.max_grad_norm:
-                    accelerator.clip_grad_norm_(params, float(trainer.max_grad_norm))
-                optimizer.step()
+                    clip(params, float(trainer.max_grad_norm))
+                stepper.step()
                 schedule.step()
-                optimizer.zero_grad(set_to_none=True)
+                stepper.zero_grad(set_to_none=True)
                 done = step + 1
                 lr = schedule.get_last_lr()[0]
                 bar.update(1)
