@@ -42,17 +42,6 @@ W, H = 128, 96
 UNICODE_DIR = "dir with spaces ✓ ünïcödé"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared 2-core runner: extra threads only contend
-    yield
-    torch.set_num_threads(threads)
-    inpaint_run.clear_pipeline_cache()
-
-
 # ---- generated inputs -----------------------------------------------------------------------------------------
 
 

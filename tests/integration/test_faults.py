@@ -38,18 +38,6 @@ CONF = str(ROOT / "conf")
 TOTAL = 6  # steps of the in-process runs; every step is checkpointed
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    import torch
-
-    # Tiny models gain nothing from intra-op threads; one thread also makes steps bit-identical across processes.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    inpaint_run.clear_pipeline_cache()
-
-
 # ---- helpers ------------------------------------------------------------------------------------------------
 
 

@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,18 +39,6 @@ FAMILIES = [
     ("tiny_flux", ["model.pipeline=inpaint"]),
 ]
 FAMILY_IDS = ["qwen_edit_plus", "qwen_edit_inpaint", "sdxl", "flux_fill", "flux_inpaint"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    import torch
-
-    # Tiny models gain nothing from intra-op threads; on a busy 2-core runner they only add contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    inpaint_run.clear_pipeline_cache()
 
 
 def _photo() -> np.ndarray:

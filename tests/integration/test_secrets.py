@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -36,17 +35,6 @@ SENTINELS = {
     "MODAL_TOKEN_SECRET": "as-SENTINELmodal5d8e2b",
 }
 TYPED = "SENTINELtypedOnTheCommandLine4411"  # passed as +hf_token=...
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    inpaint_run.clear_pipeline_cache()
 
 
 def _write_inputs(root: Path) -> dict[str, Path]:

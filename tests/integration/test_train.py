@@ -40,17 +40,6 @@ FAMILIES = ["tiny_flux", "tiny_sdxl", "tiny_qwen_edit"]
 TINY_NAMES = {"tiny_flux": "flux", "tiny_sdxl": "sdxl", "tiny_qwen_edit": "qwen_edit"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    import torch
-
-    # Tiny models gain nothing from intra-op threads; on a busy 2-core runner they make steps ~30x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---- data --------------------------------------------------------------------------------------------------
 
 
