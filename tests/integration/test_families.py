@@ -52,15 +52,26 @@ def test_training_parts_load_separately_and_reassemble(model: str) -> None:
     assert getattr(pipe, family.denoiser_name) is denoiser
 
 
-def test_cpu_runs_in_float32_with_a_smoke_run_warning(caplog: pytest.LogCaptureFixture) -> None:
+def test_cpu_runs_auto_in_float32_with_a_smoke_run_warning(caplog: pytest.LogCaptureFixture) -> None:
     import torch
 
     from stylekit.models.base import resolve_runtime
 
     with caplog.at_level(logging.WARNING):
-        runtime = resolve_runtime("bf16", device="cpu")
+        runtime = resolve_runtime("auto", device="cpu")
     assert runtime.dtype == torch.float32
     assert "CPU is for smoke runs" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"), [("bf16", "bfloat16"), ("fp16", "float16"), ("fp32", "float32")]
+)
+def test_an_explicit_dtype_is_honoured_on_cpu(name: str, expected: str) -> None:
+    import torch
+
+    from stylekit.models.base import resolve_runtime
+
+    assert resolve_runtime(name, device="cpu").dtype == getattr(torch, expected)
 
 
 def test_qwen_condition_area_is_a_config_value_applied_only_during_the_call() -> None:
