@@ -76,7 +76,7 @@ def _session(family_name: str, resolution: int, folder: Path, max_steps: int) ->
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from stylekit.data.dataset import prepare_samples
+    from stylekit.data.dataset import dataset_hash, prepare_samples
     from stylekit.train.run import Session
 
     images = folder / "images"
@@ -104,6 +104,7 @@ def _session(family_name: str, resolution: int, folder: Path, max_steps: int) ->
     family = instantiate(cfg.model)
     samples = prepare_samples(cfg, multiple=family.resolution_multiple, seed=int(cfg.seed))
     session = Session(cfg, family, Path(cfg.output_dir))
+    session.identify(dataset_hash({s.record for s in samples}))
     session.prepare_models()
     session.encode(samples, samples[:1], [])
     return session, samples
@@ -222,6 +223,7 @@ def measure_cache(session: Any, sample: Any, loop: BareLoop) -> dict[str, Any]:
         with torch.no_grad():
             batch = {"latents": family.encode_image(encoders, sample.pixels()[None])}
             batch |= family.encode_prompt(encoders, sample.caption)
+        batch |= {k: cached_batch[k] for k in ("original_size", "crop_top_left")}  # geometry, not encoding
         encoding = _since(start)
         training = loop.step(batch)
         return encoding[0] + training[0], encoding[1] + training[1]

@@ -269,8 +269,9 @@ def is_near_uniform(luma: np.ndarray, box: Box, threshold: float) -> bool:
 
 
 @lru_cache(maxsize=2)
-def _decoded(path: str) -> Image.Image:
-    # Consecutive tiles of one big image would otherwise decode it once per tile.
+def _decoded(path: str, content_hash: str | None) -> Image.Image:
+    # Consecutive tiles of one big image would otherwise decode it once per tile. The content hash is part of the
+    # key: a file replaced under the same name (new photos, a new class image) must not come back as the old one.
     return load_rgb(path)
 
 
@@ -299,28 +300,50 @@ class Sample:
 
     def pixels(self) -> torch.Tensor:
         """float32 (3, h, w) in [-1, 1], decoded now."""
-        return to_tensor(render(_decoded(str(self.record.path)), self.box, self.size, self.flip))
+        return to_tensor(
+            render(_decoded(str(self.record.path), self.record.content_hash), self.box, self.size, self.flip)
+        )
 
-    def control_pixels(self) -> torch.Tensor | None:
-        """The control image with the same geometry (after resizing it to the record's size), or None."""
+    def control_pixels(self, size: Size | None = None) -> torch.Tensor | None:
+        """The control image with the same crop and flip (after resizing it to the record's size), rendered at
+        `size` (default the sample's), or None."""
         if self.record.control_path is None:
             return None
-        control = _decoded(str(self.record.control_path))
+        control = _decoded(str(self.record.control_path), self.record.control_hash)
         if control.size != self.record.size:
             control = control.resize(self.record.size, Image.Resampling.LANCZOS)
-        return to_tensor(render(control, self.box, self.size, self.flip))
+        return to_tensor(render(control, self.box, tuple(size or self.size), self.flip))
+
+    @property
+    def original_size(self) -> Size:
+        """(w, h) of the whole upright image the sample was cut from."""
+        return self.record.size
+
+    def crop_top_left(self) -> tuple[int, int]:
+        """(top, left) of the crop in the image scaled so the crop is the output size (mirrored first when
+        flipped): SDXL's crop conditioning, as diffusers' reference trainer computes it."""
+        left, top, right, bottom = self.box
+        scale = max(self.size[0] / (right - left), self.size[1] / (bottom - top))
+        if self.flip:
+            left = self.record.size[0] - right
+        return round(top * scale), round(left * scale)
 
 
-def cache_key(sample: Sample, model_id: str, size: Size | None = None) -> str:
-    """Filename-safe key for the latent cache: content hash(es), crop box, output size, flip and model."""
+def cache_key(
+    sample: Sample, model_id: str, size: Size | None = None, control_size: Size | None = None
+) -> str:
+    """Filename-safe key for the latent cache: content hash(es), the image's original size, crop box, output
+    size, flip, model and the size the control is encoded at. Entries hold the size and crop conditioning too."""
     w, h = size or sample.size
+    ow, oh = sample.original_size
     left, top, right, bottom = sample.box
     model = re.sub(r"[^A-Za-z0-9._-]+", "_", model_id)
     content = sample.record.content_hash
     if sample.record.control_hash:
-        content += f"+{sample.record.control_hash}"
+        cw, ch = control_size or (w, h)
+        content += f"+{sample.record.control_hash}@{cw}x{ch}"
     flip = "flip" if sample.flip else "noflip"
-    return f"{model}__{content}__{left}_{top}_{right}_{bottom}__{w}x{h}__{flip}"
+    return f"{model}__{content}__{ow}x{oh}__{left}_{top}_{right}_{bottom}__{w}x{h}__{flip}"
 
 
 def build_samples(
@@ -377,7 +400,7 @@ def _tile_layouts(
             boxes = []
         total += len(boxes)
         if boxes and opts.uniform_threshold > 0:
-            luma = luminance(_decoded(str(record.path)))
+            luma = luminance(_decoded(str(record.path), record.content_hash))
             kept = [b for b in boxes if not is_near_uniform(luma, b, opts.uniform_threshold)]
             dropped += len(boxes) - len(kept)
             boxes = kept

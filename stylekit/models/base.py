@@ -119,6 +119,9 @@ class ModelFamily:
     comfyui_prefix: ClassVar[str] = "lora_unet_"
     # Whether training samples need a control (source) image, as edit models do.
     needs_control: ClassVar[bool] = False
+    # Pixel grid of training buckets and tiles when it is coarser than what the pipelines accept
+    # (resolution_multiple, which inpainting crops use); None: resolution_multiple.
+    train_multiple: ClassVar[int | None] = None
 
     pretrained: str
     inpaint_pretrained: str | None = None
@@ -171,6 +174,16 @@ class ModelFamily:
     def call_context(self, pipe: DiffusionPipeline) -> AbstractContextManager[None]:
         """Wraps every pipeline call; families whose pipelines need run-time adjustments override it."""
         return nullcontext()
+
+    @property
+    def bucket_multiple(self) -> int:
+        """The pixel multiple of training buckets and tiles."""
+        return self.train_multiple or self.resolution_multiple
+
+    def control_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The (w, h) a training sample of output `size` has its control image encoded at: the size the
+        pipeline conditions on at inference. The output size unless the pipeline resizes its condition image."""
+        return size
 
     @property
     def lora_target_modules(self) -> list[str]:
@@ -234,13 +247,14 @@ class ModelFamily:
         return pipe
 
     # ---- training: the loop in stylekit/train asks for these ------------------------------------------------
-    def load_encoders(self, runtime: Runtime | None = None) -> DiffusionPipeline:
-        """The training pipeline without its denoiser: VAE, tokenizers and text encoders, to fill the cache."""
+    def load_encoders(self, runtime: Runtime | None = None, **components: Any) -> DiffusionPipeline:
+        """The training pipeline without its denoiser: VAE, tokenizers and text encoders, to fill the cache.
+        `components` are already loaded ones to use instead of the checkpoint's (a family's fp32 VAE)."""
         runtime = runtime or self.runtime()
         cls = _diffusers_class(self.pipeline_class_name("train"))
         source = self.source("train")
         pipe = cls.from_pretrained(
-            source, **{self.denoiser_name: None}, **self._from_pretrained_kwargs(runtime)
+            source, **{self.denoiser_name: None}, **components, **self._from_pretrained_kwargs(runtime)
         )
         return pipe.to(runtime.device)
 

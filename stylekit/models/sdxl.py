@@ -20,6 +20,8 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 class SDXLFamily(ModelFamily):
     family: ClassVar[str] = "sdxl"
     resolution_multiple: ClassVar[int] = 8
+    # SDXL was trained on 64 px buckets; 8 px ones give latent sides its UNet cannot halve twice (1152x904).
+    train_multiple: ClassVar[int] = 64
     denoiser_name: ClassVar[str] = "unet"
     train_pipeline_class: ClassVar[str] = "StableDiffusionXLPipeline"
     inpaint_pipeline_classes: ClassVar[dict[str, str]] = {"inpaint": "StableDiffusionXLInpaintPipeline"}
@@ -36,10 +38,16 @@ class SDXLFamily(ModelFamily):
             )
 
     # ---- training ---------------------------------------------------------------------------------------
-    def load_encoders(self, runtime: Any = None) -> Any:
-        from diffusers import DDPMScheduler
+    def load_encoders(self, runtime: Any = None, **components: Any) -> Any:
+        import torch
+        from diffusers import AutoencoderKL, DDPMScheduler
 
-        pipe = super().load_encoders(runtime)
+        runtime = runtime or self.runtime()
+        # The VAE stays in fp32, as in diffusers' reference trainer: bf16 latents lose detail the LoRA then
+        # learns from, and fp16 overflows. Loaded from the checkpoint in fp32, not upcast from rounded weights.
+        kwargs = self._from_pretrained_kwargs(runtime) | {"torch_dtype": torch.float32, "subfolder": "vae"}
+        components.setdefault("vae", AutoencoderKL.from_pretrained(self.source("train"), **kwargs))
+        pipe = super().load_encoders(runtime, **components)
         # Training adds noise with the DDPM schedule the checkpoint was trained on.
         self._noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         if self.prediction_type is not None:
@@ -53,15 +61,18 @@ class SDXLFamily(ModelFamily):
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
     def encode_image(self, pipe: Any, pixels: torch.Tensor) -> torch.Tensor:
+        """fp32 latents from an fp32 VAE pass (load_encoders keeps the VAE in fp32; other pipelines' VAEs are
+        upcast for the call)."""
         import torch
 
         vae = pipe.vae
-        # SDXL's VAE overflows in fp16; encode in fp32 like the pipelines do when force_upcast is set.
         dtype = vae.dtype
-        if vae.config.force_upcast and dtype == torch.float16:
+        if dtype != torch.float32:
             vae.float()
-        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
-        vae.to(dtype)
+        try:
+            latents = vae.encode(pixels.to(vae.device, torch.float32)).latent_dist.mode()
+        finally:
+            vae.to(dtype)
         return latents * vae.config.scaling_factor
 
     def sample_timesteps(self, n: int, generator: torch.Generator, trainer: Any) -> torch.Tensor:
@@ -91,8 +102,10 @@ class SDXLFamily(ModelFamily):
             target = scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        # (original size, crop top-left, target size): the whole bucket, uncropped.
-        time_ids = torch.tensor([[h * 8, w * 8, 0, 0, h * 8, w * 8]], device=latents.device).repeat(b, 1)
+        # SDXL's micro-conditioning, as diffusers' reference trainer builds it: (original h, w) of the photo, the
+        # crop's (top, left) in the photo scaled to cover the bucket, then the (h, w) trained at.
+        trained_size = torch.tensor([[h * 8, w * 8]], device=latents.device).repeat(b, 1)
+        time_ids = torch.cat([batch["original_size"], batch["crop_top_left"], trained_size], dim=1)
         core = getattr(denoiser, "module", denoiser)  # unwrapped under DDP
         dtype = module_dtype(core)
         prediction = denoiser(
@@ -122,14 +135,20 @@ class SDXLFamily(ModelFamily):
         return capped / snr
 
     def sample(self, pipe: Any, prompt: str, size: tuple[int, int], steps: int, generator: Any, control=None):
-        return pipe(
-            prompt=prompt,
-            width=size[0],
-            height=size[1],
-            num_inference_steps=steps,
-            guidance_scale=5.0,
-            generator=generator,
-        ).images[0]
+        kwargs = {
+            "prompt": prompt,
+            "width": size[0],
+            "height": size[1],
+            "num_inference_steps": steps,
+            "guidance_scale": 5.0,
+            "generator": generator,
+        }
+        if pipe.vae.dtype == module_dtype(pipe.unet):
+            return pipe(**kwargs).images[0]
+        # The training encoders' fp32 VAE (load_encoders): the pipeline would hand it bf16 latents, which it
+        # refuses, so it decodes here in its own precision.
+        latents = pipe(**kwargs, output_type="latent").images
+        return _decode(pipe, latents)
 
     # ---- inpainting -------------------------------------------------------------------------------------
     def edit(self, pipe: Any, image: Any, mask: Any, prompt: str, settings: dict[str, Any], generator: Any):
@@ -149,3 +168,23 @@ class SDXLFamily(ModelFamily):
                 num_inference_steps=int(settings["num_inference_steps"]),
                 generator=generator,
             ).images[0]
+
+
+def _decode(pipe: Any, latents: torch.Tensor) -> Any:
+    """Latents -> PIL image through `pipe.vae` in the VAE's dtype, as the SDXL pipeline decodes them."""
+    import torch
+
+    vae = pipe.vae
+    latents = latents.to(vae.device, vae.dtype)
+    config = vae.config
+    if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
+        mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents)
+        std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents)
+        latents = latents * std / config.scaling_factor + mean
+    else:
+        latents = latents / config.scaling_factor
+    with torch.no_grad():
+        image = vae.decode(latents, return_dict=False)[0]
+    if getattr(pipe, "watermark", None) is not None:
+        image = pipe.watermark.apply_watermark(image)
+    return pipe.image_processor.postprocess(image, output_type="pil")[0]

@@ -184,6 +184,14 @@ def resolve_resume(resume: str | None, root: Path) -> Path | None:
         return None
     if resume == "auto":
         return latest_checkpoint(Path(root))
+    return check_resume(resume)
+
+
+def check_resume(resume: str | None) -> Path | None:
+    """The checkpoint an explicit `trainer.resume=PATH` names, or None for auto/never; UsageError when PATH is not
+    a complete checkpoint. Needs no checkpoint root, so a mistyped path fails before the data is even read."""
+    if resume is None or resume in ("auto", "never"):
+        return None
     path = Path(resume).expanduser()
     if is_complete(path):
         return path
@@ -256,3 +264,22 @@ class GracefulExit:
             # None means the handler was not installed from Python; the default is the closest we can restore.
             signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
         self._previous.clear()
+
+
+FINISHED = "finished.json"
+
+
+def record_finished(root: Path, step: int, lora: Path) -> None:
+    """Note in the run's checkpoint root where the finished run put its LoRA, so a rerun can point at it."""
+    atomic_write_text(
+        Path(root) / FINISHED, json.dumps({"step": step, "lora": str(Path(lora).resolve())}) + "\n"
+    )
+
+
+def finished_lora(root: Path) -> Path | None:
+    """The LoRA a finished run of this identity saved (see record_finished), or None when unknown or gone."""
+    try:
+        lora = Path(json.loads((Path(root) / FINISHED).read_text())["lora"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return lora if lora.is_file() else None

@@ -93,18 +93,20 @@ def _pad_spec(tensor: Any, length: int) -> tuple[int, ...]:
     return tuple(spec)
 
 
-def identity_hash(cfg: DictConfig) -> str:
-    """A hash of everything that determines the trained weights (not where or how long it runs)."""
-    data = OmegaConf.to_container(cfg, resolve=False)
-    data = {k: v for k, v in data.items() if k != "hydra"}
+def identity_hash(cfg: DictConfig, data_hash: str) -> str:
+    """A hash of everything that determines the trained weights: the config (not where or how long it runs) and
+    the data (`dataset_hash` over images, captions, control and class images)."""
+    config = OmegaConf.to_container(cfg, resolve=False)
+    config = {k: v for k, v in config.items() if k != "hydra"}
     for dotted in _NOT_IDENTITY:
-        node = data
+        node = config
         *parents, leaf = dotted.split(".")
         for part in parents:
             node = node.get(part, {}) if isinstance(node, dict) else {}
         if isinstance(node, dict):
             node.pop(leaf, None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    identity = {"config": config, "data": data_hash}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def micro_generator(seed: int, micro: int) -> Any:
@@ -113,9 +115,15 @@ def micro_generator(seed: int, micro: int) -> Any:
     return torch.Generator().manual_seed((seed * 2654435761 + micro) % (2**63))
 
 
-def checkpoint_root(cfg: DictConfig) -> Path:
-    root = cfg.trainer.get("checkpoint_root") or "outputs/checkpoints"
-    return Path(root) / f"{cfg.get('task_name', 'train')}-{identity_hash(cfg)}"
+def checkpoints_dir(cfg: DictConfig) -> Path:
+    """`trainer.checkpoint_root`: the folder holding one checkpoint folder per run identity."""
+    return Path(cfg.trainer.get("checkpoint_root") or "outputs/checkpoints")
+
+
+def checkpoint_root(cfg: DictConfig, data_hash: str) -> Path:
+    """Where this run's checkpoints live. Keyed on the data as well as the config: new photos in the same
+    data.dataset_dir must start a new run, never resume (or hand back) one trained on the old photos."""
+    return checkpoints_dir(cfg) / f"{cfg.get('task_name', 'train')}-{identity_hash(cfg, data_hash)}"
 
 
 def check_trainer_config(cfg: DictConfig) -> None:

@@ -109,7 +109,8 @@ def save_lora(
         )
         _add_metadata(tmp / WEIGHT_NAME, metadata)
         if comfyui:
-            write_comfyui_copy(tmp / WEIGHT_NAME, tmp / COMFY_NAME, family, float(config.lora_alpha))
+            dora = comfyui_dora_scales(denoiser) if config.use_dora else None
+            write_comfyui_copy(tmp / WEIGHT_NAME, tmp / COMFY_NAME, family, float(config.lora_alpha), dora)
         (tmp / "README.md").write_text(model_card(metadata))
         # The previous LoRA stays on disk until the new one is in place.
         aside = out_dir.with_name(f".{out_dir.name}-old-{os.getpid()}")
@@ -163,12 +164,53 @@ def verify_loads(pipe: Any, lora_dir: Path, adapter_name: str = "trained") -> No
         raise RuntimeError(f"the LoRA saved to {lora_dir} loaded but attached to no module")
 
 
-# kohya / ComfyUI naming: lora_unet_<dotted_path_with_underscores>.lora_down/lora_up/alpha
-def write_comfyui_copy(source: Path, target: Path, family: ModelFamily, alpha: float) -> None:
+def comfyui_dora_scales(denoiser: torch.nn.Module, adapter: str = ADAPTER) -> dict[str, torch.Tensor]:
+    """Module name -> the `.dora_scale` ComfyUI needs to rebuild each DoRA layer of `denoiser` exactly.
+
+    peft's DoRA weight is m * (W + dW) / ||W + dW||, norms over each output row, with m of shape (out,). ComfyUI
+    reads a dora_scale whose first dim is the output size as that per-row magnitude, shaped (out, 1[, 1, 1]), but
+    divides by the rows of the base weight W, not of W + dW (comfy/weight_adapter/base.py, weight_decompose). So the
+    scale written is m * ||W|| / ||W + dW||: at strength 1 ComfyUI's merge is then peft's weight.
+    """
+    import torch
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.integrations import dequantize_module_weight
+
+    scales: dict[str, torch.Tensor] = {}
+    for name, module in denoiser.named_modules():
+        if not isinstance(module, LoraLayer) or adapter not in module.lora_magnitude_vector:
+            continue
+        with torch.no_grad():
+            base = dequantize_module_weight(module.get_base_layer()).float()
+            rows = base.shape[0]
+            adapted = base + module.get_delta_weight(adapter).float()
+            magnitude = module.lora_magnitude_vector[adapter].weight.float().flatten()
+            scale = magnitude * base.reshape(rows, -1).norm(dim=1) / adapted.reshape(rows, -1).norm(dim=1)
+        scales[name] = scale.reshape(rows, *[1] * (base.dim() - 1)).cpu().contiguous()
+    return scales
+
+
+# kohya / ComfyUI naming: lora_unet_<dotted_path_with_underscores>.lora_down/lora_up/alpha[/dora_scale]
+def write_comfyui_copy(
+    source: Path,
+    target: Path,
+    family: ModelFamily,
+    alpha: float,
+    dora_scales: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """The kohya-keyed copy of a diffusers-format LoRA file; DoRA layers need `dora_scales`
+    (comfyui_dora_scales), which cannot be read back from the file alone."""
     import torch
     from safetensors.torch import load_file, save_file
 
     state = load_file(str(source))
+    dora_scales = dora_scales or {}
+    magnitudes = re.compile(r"^(?:unet|transformer)\.(.+)\.lora_magnitude_vector(?:\.weight)?$")
+    dora_modules = {match[1] for key in state if (match := magnitudes.match(key))}
+    if dora_modules - set(dora_scales):
+        # Without its dora_scale ComfyUI would apply a DoRA layer as a plain LoRA: a different model.
+        missing = sorted(dora_modules - set(dora_scales))
+        raise RuntimeError(f"{source}: no dora_scale for the DoRA layer {missing[0]} (of {len(missing)})")
     out: dict[str, torch.Tensor] = {}
     pattern = re.compile(r"^(?:unet|transformer)\.(.+)\.(lora_A|lora_B|lora\.down|lora\.up)\.weight$")
     for key, tensor in state.items():
@@ -180,6 +222,8 @@ def write_comfyui_copy(source: Path, target: Path, family: ModelFamily, alpha: f
         suffix = "lora_down" if kind in ("lora_A", "lora.down") else "lora_up"
         out[f"{base}.{suffix}.weight"] = tensor
         out[f"{base}.alpha"] = torch.tensor(alpha)
+        if module in dora_scales:
+            out[f"{base}.dora_scale"] = dora_scales[module]
     if not out:
         raise RuntimeError(f"no LoRA keys to convert in {source}")
     save_file(

@@ -24,10 +24,10 @@ def run(cfg: DictConfig) -> float:
     from hydra.utils import instantiate
 
     from stylekit.data.dataset import dataset_hash, prepare_class_samples, prepare_samples
-    from stylekit.train.checkpoint import resolve_resume
+    from stylekit.train.checkpoint import check_resume
 
     loop.check_trainer_config(cfg)
-    resolve_resume(str(cfg.trainer.resume), loop.checkpoint_root(cfg))  # a mistyped path fails before loading
+    check_resume(str(cfg.trainer.resume))  # a mistyped path fails before loading
     try:
         family = instantiate(cfg.model)
     except InstantiationException as error:  # a bad model.* value: the family's own one-line message
@@ -35,7 +35,7 @@ def run(cfg: DictConfig) -> float:
             raise error.__cause__ from None
         raise
     # Every data problem surfaces here, before any model is loaded.
-    samples = prepare_samples(cfg, multiple=family.resolution_multiple, seed=int(cfg.seed))
+    samples = prepare_samples(cfg, multiple=family.bucket_multiple, seed=int(cfg.seed))
     samples = _with_controls(samples, family)
     train_samples, val_samples = _split_validation(samples, int(cfg.trainer.get("val_images", 1)))
     run_dir = Path(cfg.output_dir)
@@ -45,6 +45,8 @@ def run(cfg: DictConfig) -> float:
         with session.tracker:
             session.prepare_models()
             class_samples = session.prior_preservation(prepare_class_samples)
+            # Resume identity covers the data, class images included (known only once they are generated).
+            session.identify(dataset_hash({s.record for s in [*samples, *class_samples]}))
             session.encode(train_samples, val_samples, class_samples)
             loss = session.train()
             session.finish(dataset_hash({s.record for s in samples}))
@@ -65,7 +67,7 @@ def _make_folders(cfg: DictConfig, run_dir: Path) -> None:
     """The run dir, checkpoint and cache folders, made before any model loads: one that cannot be made (a path
     under a file, a read-only mount) is the user's one line, not a traceback after minutes of loading."""
     folders = [("output_dir", cfg.output_dir, run_dir)]
-    folders.append(("trainer.checkpoint_root", cfg.trainer.checkpoint_root, loop.checkpoint_root(cfg)))
+    folders.append(("trainer.checkpoint_root", cfg.trainer.checkpoint_root, loop.checkpoints_dir(cfg)))
     if cfg.trainer.cache_latents and cfg.trainer.get("cache_dir"):
         folders.append(("trainer.cache_dir", cfg.trainer.cache_dir, Path(cfg.trainer.cache_dir)))
     for key, value, folder in folders:
@@ -122,9 +124,15 @@ class Session:
         else:  # one W&B run per job, not per GPU; other ranks keep their metrics beside it
             rank = self.accelerator.process_index
             self.tracker = make_tracker({"backend": "none"}, self.run_dir / "ranks" / str(rank), resolved)
-        self.checkpoint_root = loop.checkpoint_root(cfg)
+        self.checkpoint_root: Path | None = None  # set by identify(), once the data is known
+        self.data_hash = ""
         self.denoiser = None
         self.class_examples: list[Encoded] = []
+
+    def identify(self, data_hash: str) -> None:
+        """Key this run's checkpoints on the config and on `data_hash`, the hash of everything it trains on."""
+        self.data_hash = data_hash
+        self.checkpoint_root = loop.checkpoint_root(self.cfg, data_hash)
 
     # ---- models -----------------------------------------------------------------------------------------
     def prepare_models(self) -> None:
@@ -146,7 +154,7 @@ class Session:
         missing = count_missing_class_images(data.class_dir, int(data.num_class_images))
         if missing:
             self._generate_class_images(Path(data.class_dir), str(data.class_prompt), missing)
-        return prepare_class_samples(self.cfg, multiple=self.family.resolution_multiple, seed=self.seed)
+        return prepare_class_samples(self.cfg, multiple=self.family.bucket_multiple, seed=self.seed)
 
     def _generate_class_images(self, class_dir: Path, prompt: str, count: int) -> None:
         import torch
@@ -201,13 +209,18 @@ class Session:
         from stylekit.train.cache import short_hash
 
         model = self._model_id()
-        control_pixels = sample.control_pixels() if self.family.needs_control else None
+        # The control at the size the pipeline conditions on at inference (Qwen: its ~1 MP condition area).
+        control_size = self.family.control_size(sample.size)
+        control_pixels = sample.control_pixels(control_size) if self.family.needs_control else None
 
         def images() -> dict[str, torch.Tensor]:
             with torch.no_grad():
                 out = {"latents": self.family.encode_image(self.encoders, sample.pixels()[None])}
                 if control_pixels is not None:
                     out["control_latents"] = self.family.encode_image(self.encoders, control_pixels[None])
+            # SDXL's size and crop conditioning: (h, w) of the whole photo, (top, left) of the crop.
+            out["original_size"] = torch.tensor([sample.original_size[::-1]])
+            out["crop_top_left"] = torch.tensor([sample.crop_top_left()])
             return out
 
         def text() -> dict[str, torch.Tensor]:
@@ -215,10 +228,9 @@ class Session:
             with torch.no_grad():
                 return self.family.encode_prompt(self.encoders, sample.caption, control)
 
-        text_key = short_hash(
-            model, sample.caption, cache_key(sample, model) if control_pixels is not None else ""
-        )
-        tensors = {**self.cache.get_or_compute(cache_key(sample, model), images)}
+        image_key = cache_key(sample, model, control_size=control_size)
+        text_key = short_hash(model, sample.caption, image_key if control_pixels is not None else "")
+        tensors = {**self.cache.get_or_compute(image_key, images)}
         tensors |= self.cache.get_or_compute(f"text:{text_key}", text)
         return Encoded(sample.size, tensors, sample.is_prior)
 
@@ -232,6 +244,10 @@ class Session:
         from stylekit.train.optim import make_optimizer, make_schedule
 
         trainer = self.trainer
+        if self.checkpoint_root is None:
+            raise RuntimeError(
+                "Session.identify(data_hash) must run before train(): checkpoints are keyed on it"
+            )
         denoiser = self._denoiser()
         if trainer.gradient_checkpointing:
             denoiser.enable_gradient_checkpointing()
@@ -352,7 +368,13 @@ class Session:
                 {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, folder / "optim.pt"
             )
             (folder / "state.json").write_text(
-                json.dumps({"step": step, "identity": loop.identity_hash(self.cfg)})
+                json.dumps(
+                    {
+                        "step": step,
+                        "identity": loop.identity_hash(self.cfg, self.data_hash),
+                        "dataset_hash": self.data_hash,
+                    }
+                )
             )
 
         try:
@@ -368,6 +390,7 @@ class Session:
         from safetensors.torch import load_file
 
         from stylekit.train import lora_io
+        from stylekit.train.checkpoint import finished_lora
 
         if checkpoint is None:
             return 0
@@ -379,6 +402,16 @@ class Session:
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
         log.info("Resumed from %s (step %d)", checkpoint, state["step"])
+        if (
+            state.get("dataset_hash", self.data_hash) != self.data_hash
+        ):  # only an explicit trainer.resume=PATH
+            log.warning("%s was trained on other data (dataset hash %s, now %s); continuing from its weights as "
+                        "trainer.resume asks", checkpoint, state.get("dataset_hash"), self.data_hash)  # fmt: skip
+        elif int(state["step"]) >= int(self.trainer.max_steps):
+            earlier = finished_lora(self.checkpoint_root)
+            where = f"its LoRA is {earlier}" if earlier else "its LoRA file is gone"
+            log.info("This run already finished at step %d on the same data; %s (saving it again to %s)",
+                     state["step"], where, self.run_dir / "lora")  # fmt: skip
         return int(state["step"])
 
     # ---- validation -------------------------------------------------------------------------------------
@@ -451,6 +484,7 @@ class Session:
     def finish(self, data_hash: str) -> None:
         """Save the LoRA, prove it loads into a fresh pipeline, and sample with that pipeline."""
         from stylekit.train import lora_io
+        from stylekit.train.checkpoint import record_finished
 
         if not self.accelerator.is_main_process:
             return
@@ -469,6 +503,7 @@ class Session:
         comfy = str(self.trainer.lora_format) == "comfyui"
         weights = lora_io.save_lora(self.family, self.accelerator.unwrap_model(self.model), self.lora_config,
                                     lora_dir, metadata, comfyui=comfy)  # fmt: skip
+        record_finished(self.checkpoint_root, self.steps_done, weights)
         # The check users care about: the file applies to an untouched base model.
         self.model = self.denoiser = None
         self.accelerator.free_memory()  # it holds the trained model and optimizer too
