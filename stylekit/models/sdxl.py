@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from stylekit.errors import UsageError
 from stylekit.models import flow
-from stylekit.models.base import ModelFamily, module_dtype
+from stylekit.models.base import ModelFamily, module_dtype, prompt_kwargs
 
 if TYPE_CHECKING:
     import torch
@@ -121,9 +121,23 @@ class SDXLFamily(ModelFamily):
             return capped / (snr + 1)
         return capped / snr
 
-    def sample(self, pipe: Any, prompt: str, size: tuple[int, int], steps: int, generator: Any, control=None):
+    def sampling_inputs(self, pipe: Any, prompt: str, control: Any = None) -> dict[str, torch.Tensor]:
+        # Sampling uses CFG: the negative (zeroed for an empty negative prompt, as SDXL base was trained) too.
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+            prompt=prompt, device=pipe.device, num_images_per_prompt=1, do_classifier_free_guidance=True
+        )
+        return {
+            "prompt_embeds": embeds,
+            "negative_prompt_embeds": negative,
+            "pooled_prompt_embeds": pooled,
+            "negative_pooled_prompt_embeds": negative_pooled,
+        }
+
+    def sample(
+        self, pipe: Any, prompt: str | dict, size: tuple[int, int], steps: int, generator: Any, control=None
+    ):
         return pipe(
-            prompt=prompt,
+            **prompt_kwargs(prompt, pipe._execution_device),
             width=size[0],
             height=size[1],
             num_inference_steps=steps,
