@@ -98,6 +98,8 @@ def _session(family_name: str, resolution: int, folder: Path, max_steps: int) ->
         f"trainer.validate_every={10**6}",
         f"lora.rank={RANK}",
         f"lora.alpha={RANK}",
+        # The bare loop does not recompute activations; compare like with like.
+        "trainer.gradient_checkpointing=false",
     ]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
