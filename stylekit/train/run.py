@@ -364,9 +364,10 @@ class Session:
                 lora_io.lora_state_dict(self.accelerator.unwrap_model(self.model)),
                 str(folder / "lora.safetensors"),
             )
-            torch.save(
-                {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, folder / "optim.pt"
-            )
+            state = {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}
+            if self.accelerator.scaler is not None:  # fp16 on CUDA: the loss scale is part of the state
+                state["scaler"] = self.accelerator.scaler.state_dict()
+            torch.save(state, folder / "optim.pt")
             (folder / "state.json").write_text(
                 json.dumps({"step": step, "identity": loop.identity_hash(self.cfg)})
             )
@@ -394,6 +395,8 @@ class Session:
         saved = torch.load(checkpoint / "optim.pt", map_location="cpu", weights_only=False)
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
+        if "scaler" in saved and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(saved["scaler"])
         log.info("Resumed from %s (step %d)", checkpoint, state["step"])
         return int(state["step"])
 
