@@ -98,11 +98,13 @@ def _session(family_name: str, resolution: int, folder: Path, max_steps: int) ->
         f"trainer.validate_every={10**6}",
         f"lora.rank={RANK}",
         f"lora.alpha={RANK}",
+        # The bare loop does not recompute activations; compare like with like.
+        "trainer.gradient_checkpointing=false",
     ]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     family = instantiate(cfg.model)
-    samples = prepare_samples(cfg, multiple=family.resolution_multiple, seed=int(cfg.seed))
+    samples = prepare_samples(cfg, multiple=family.bucket_multiple, seed=int(cfg.seed))
     session = Session(cfg, family, Path(cfg.output_dir))
     session.identify(dataset_hash({s.record for s in samples}))
     session.prepare_models()

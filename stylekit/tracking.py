@@ -333,5 +333,6 @@ def make_tracker(
         mode=mode,
         settings=_wandb_settings(),
     )
-    log.info("W&B run %s (%s) in %s", run.name, mode, run_dir / "wandb")
+    # Offline runs have no name until they sync: the id is what `wandb sync` and the folder name use.
+    log.info("W&B run %s (%s) in %s", run.name or run.id, mode, run_dir / "wandb")
     return WandbTracker(run_dir, run)

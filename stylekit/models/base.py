@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import weakref
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -98,6 +99,53 @@ def resolve_source(source: str) -> str:
     return source
 
 
+def prompt_kwargs(prompt: str | dict[str, Any], device: Any) -> dict[str, Any]:
+    """Pipeline keyword arguments for a prompt given as text or as tensors from `sampling_inputs`."""
+    if isinstance(prompt, str):
+        return {"prompt": prompt}
+    return {key: value.to(device) if hasattr(value, "to") else value for key, value in prompt.items()}
+
+
+def check_hub_access(source: str, revision: str | None = None) -> None:
+    """A local folder, a cached snapshot or a reachable hub repo passes; anything else is the user's one line
+    naming the model id and what to do (gated licence, HF_TOKEN, HF_HUB_OFFLINE)."""
+    from pathlib import Path
+
+    if Path(source).is_dir():
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(source, "model_index.json", revision=revision), str):
+        return
+    page = f"https://huggingface.co/{source}"
+    if constants.HF_HUB_OFFLINE:
+        raise UsageError(
+            f"{source} is not in the Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it: unset "
+            f"HF_HUB_OFFLINE to download it (gated models: accept the licence at {page} and set HF_TOKEN), or "
+            "point the model at a local folder"
+        )
+    from huggingface_hub import auth_check
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        auth_check(source)
+    except GatedRepoError:
+        raise UsageError(
+            f"{source} is gated: accept its licence at {page} with your account, then `hf auth login` or "
+            "set HF_TOKEN"
+        ) from None
+    except RepositoryNotFoundError:
+        raise UsageError(
+            f"{source} was not found on the Hugging Face hub: check the model id (private repos need HF_TOKEN)"
+        ) from None
+    except Exception as error:  # no network, proxy, hub outage: huggingface_hub raises many kinds
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UsageError(
+            f"cannot reach the Hugging Face hub to fetch {source} ({first}): check the network, or download it "
+            "where there is one and set HF_HUB_OFFLINE=1"
+        ) from None
+
+
 def _diffusers_class(name: str) -> type:
     import diffusers
 
@@ -122,6 +170,8 @@ class ModelFamily:
     # Pixel grid of training buckets and tiles when it is coarser than what the pipelines accept
     # (resolution_multiple, which inpainting crops use); None: resolution_multiple.
     train_multiple: ClassVar[int | None] = None
+    # trainer.gradient_checkpointing=auto: on where a real model at its native resolution needs it to fit.
+    gradient_checkpointing_default: ClassVar[bool] = False
 
     pretrained: str
     inpaint_pretrained: str | None = None
@@ -131,6 +181,8 @@ class ModelFamily:
     dtype: str = "auto"
     quantize: str = "none"
     offload: str = "none"
+    # None: CUDA when there is one. "cpu" forces the CPU, which a real (non-tiny) model needs to be told.
+    device: str | None = None
     resolution: int = 1024
     native_area: int = 1024 * 1024
     lora_targets: list[str] | None = None
@@ -143,6 +195,8 @@ class ModelFamily:
         self._check_choice("quantize", self.quantize, QUANTIZE)
         self._check_choice("offload", self.offload, OFFLOAD)
         self._check_choice("dtype", self.dtype, DTYPES)
+        if self.device is not None:
+            self._check_choice("device", self.device, ("cpu", "cuda"))
         if self.resolution % self.resolution_multiple:
             raise UsageError(
                 f"model.resolution={self.resolution} must be a multiple of {self.resolution_multiple} "
@@ -191,10 +245,23 @@ class ModelFamily:
 
     # ---- loading ------------------------------------------------------------------------------------------
     def runtime(self, device: str | None = None) -> Runtime:
-        return resolve_runtime(self.dtype, device)
+        return resolve_runtime(self.dtype, device or self.device)
+
+    def check_runnable(self, task: str = "train") -> None:
+        """Stop in one line, before any download, when the model cannot run here or cannot be fetched."""
+        if self.is_tiny:
+            return
+        if self.device is None and not cuda_available():
+            raise UsageError(
+                f"model={self.family} ({self.source(task)}) needs a CUDA GPU and this machine has none: use "
+                f"model=tiny_{self.family} for a smoke run, a machine with a GPU, or hydra/launcher=modal "
+                "(model.device=cpu forces the CPU: hours per step)"
+            )
+        check_hub_access(self.source(task), self.revision)
 
     def _from_pretrained_kwargs(self, runtime: Runtime) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"torch_dtype": runtime.dtype}
+        # `dtype`, not the deprecated `torch_dtype` (a FutureWarning on every load in diffusers >= 0.36).
+        kwargs: dict[str, Any] = {"dtype": runtime.dtype}
         if self.revision:
             kwargs["revision"] = self.revision
         if self.variant:
@@ -228,6 +295,7 @@ class ModelFamily:
 
     def load_pipeline(self, task: str = "train", runtime: Runtime | None = None) -> DiffusionPipeline:
         """The family's real diffusers pipeline for `task`, from a hub id or a local folder."""
+        self.check_runnable(task)
         runtime = runtime or self.runtime()
         cls = _diffusers_class(self.pipeline_class_name(task))
         source = self.source(task)
@@ -236,15 +304,23 @@ class ModelFamily:
         if quantization is not None:
             kwargs["quantization_config"] = quantization
         log.info("Loading %s from %s (%s, %s)", cls.__name__, source, runtime.device, runtime.dtype)
-        try:
+        with self._load_errors(source):
             pipe = cls.from_pretrained(source, **kwargs)
-        except OSError as error:
-            raise UsageError(
-                f"could not load {self.family} weights from {source!r}: {str(error).splitlines()[0]} "
-                "(check the model id, `huggingface-cli login` for gated models, or HF_HUB_OFFLINE)"
-            ) from error
         self.place(pipe, runtime)
         return pipe
+
+    @contextmanager
+    def _load_errors(self, source: str) -> Iterator[None]:
+        """A missing file, a half-downloaded snapshot or a refused download as the user's one line."""
+        try:
+            yield
+        except OSError as error:
+            first = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise UsageError(
+                f"could not load {self.family} weights from {source!r}: {first} (check the model id; gated "
+                f"models: accept the licence at https://huggingface.co/{source} and set HF_TOKEN; offline: "
+                "HF_HUB_OFFLINE=1 needs a cached copy)"
+            ) from None
 
     # ---- training: the loop in stylekit/train asks for these ------------------------------------------------
     def load_encoders(self, runtime: Runtime | None = None, **components: Any) -> DiffusionPipeline:
@@ -253,9 +329,10 @@ class ModelFamily:
         runtime = runtime or self.runtime()
         cls = _diffusers_class(self.pipeline_class_name("train"))
         source = self.source("train")
-        pipe = cls.from_pretrained(
-            source, **{self.denoiser_name: None}, **components, **self._from_pretrained_kwargs(runtime)
-        )
+        with self._load_errors(source):
+            pipe = cls.from_pretrained(
+                source, **{self.denoiser_name: None}, **components, **self._from_pretrained_kwargs(runtime)
+            )
         return pipe.to(runtime.device)
 
     def load_denoiser(self, runtime: Runtime | None = None) -> torch.nn.Module:
@@ -266,9 +343,10 @@ class ModelFamily:
 
         runtime = runtime or self.runtime()
         source = self.source("train")
-        library, class_name = DiffusionPipeline.load_config(source, revision=self.revision)[
-            self.denoiser_name
-        ]
+        with self._load_errors(source):
+            library, class_name = DiffusionPipeline.load_config(source, revision=self.revision)[
+                self.denoiser_name
+            ]
         cls = getattr(importlib.import_module(library), class_name)
         kwargs = self._from_pretrained_kwargs(runtime) | {"subfolder": self.denoiser_name}
         quantization = self.quantization_config(runtime)
@@ -276,7 +354,8 @@ class ModelFamily:
             from diffusers import BitsAndBytesConfig
 
             kwargs["quantization_config"] = BitsAndBytesConfig(**quantization.quant_kwargs)
-        denoiser = cls.from_pretrained(source, **kwargs)
+        with self._load_errors(source):
+            denoiser = cls.from_pretrained(source, **kwargs)
         return denoiser if quantization is not None else denoiser.to(runtime.device)
 
     def sample_timesteps(self, n: int, generator: torch.Generator, trainer: Any) -> torch.Tensor:
@@ -284,12 +363,33 @@ class ModelFamily:
         trained on another schedule override it."""
         from stylekit.models import flow
 
-        return flow.sample_sigmas(n, generator, trainer.timestep_sampling, trainer.shift)
+        return flow.sample_sigmas(
+            n,
+            generator,
+            trainer.timestep_sampling,
+            float(trainer.shift),
+            logit_mean=float(trainer.get("logit_mean", 0.0)),
+            logit_std=float(trainer.get("logit_std", 1.0)),
+        )
 
-    def pipeline_with(self, denoiser: torch.nn.Module, encoders: DiffusionPipeline) -> DiffusionPipeline:
-        """A full training-class pipeline from already loaded parts (validation samples, LoRA checks)."""
+    def pipeline_with(
+        self, denoiser: torch.nn.Module, encoders: DiffusionPipeline, text_encoders: bool = True
+    ) -> DiffusionPipeline:
+        """A full training-class pipeline from already loaded parts (validation samples, LoRA checks).
+
+        `text_encoders=False` leaves them out: the pipeline then samples from prompt tensors encoded beforehand
+        (`sampling_inputs`), and the text encoders (T5-XXL, Qwen2.5-VL: 9-16 GB) never come back onto the GPU.
+        """
         cls = _diffusers_class(self.pipeline_class_name("train"))
-        return cls(**{**encoders.components, self.denoiser_name: denoiser})
+        components = {**encoders.components, self.denoiser_name: denoiser}
+        if not text_encoders:
+            components |= {name: None for name in components if name.startswith("text_encoder")}
+        return cls(**components)
+
+    def sampling_inputs(self, pipe: DiffusionPipeline, prompt: str, control: Any = None) -> dict[str, Any]:
+        """The prompt tensors `sample` passes to the pipeline instead of the prompt text (negative ones too
+        where the family samples with CFG), encoded once with the text encoders of `pipe`."""
+        raise NotImplementedError(f"{type(self).__name__} does not encode sampling prompts")
 
     def place(self, pipe: DiffusionPipeline, runtime: Runtime) -> None:
         """Move the pipeline onto the device, or let diffusers offload it (CUDA only)."""

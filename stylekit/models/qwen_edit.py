@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from stylekit.models import flow
-from stylekit.models.base import JOINT_ATTENTION_TARGETS, ModelFamily, module_dtype
+from stylekit.models.base import JOINT_ATTENTION_TARGETS, ModelFamily, module_dtype, prompt_kwargs
 
 if TYPE_CHECKING:
     import torch
@@ -64,6 +64,9 @@ class QwenEditFamily(ModelFamily):
         "txt_mlp.net.0.proj",
         "txt_mlp.net.2",
     )
+
+    # 20 B parameters and ~8k image tokens (target + control): no 80 GB card fits its activations without it.
+    gradient_checkpointing_default: ClassVar[bool] = True
 
     condition_area: int = MODEL_CONDITION_AREA
     vl_condition_area: int = MODEL_VL_CONDITION_AREA
@@ -141,20 +144,33 @@ class QwenEditFamily(ModelFamily):
             hidden_states=hidden,
             timestep=t.to(latents.device, dtype),
             guidance=None,
-            encoder_hidden_states_mask=batch["prompt_embeds_mask"],
+            encoder_hidden_states_mask=_padding_mask(batch["prompt_embeds_mask"]),
             encoder_hidden_states=batch["prompt_embeds"].to(dtype),
             img_shapes=[[(1, h // 2, w // 2), (1, ch // 2, cw // 2)]] * b,
             return_dict=False,
         )[0][:, : packed.shape[1]]
         return flow.per_sample_mse(prediction, pack(target, b, c, h, w))
 
-    def sample(self, pipe: Any, prompt: str, size: tuple[int, int], steps: int, generator: Any, control=None):
+    def sampling_inputs(self, pipe: Any, prompt: str, control: Any = None) -> dict[str, torch.Tensor]:
+        # Sampling uses true CFG with the model's negative prompt, encoded with the same control image.
+        inputs = self.encode_prompt(pipe, prompt, control)
+        negative = self.inference_defaults().get("negative_prompt")
+        if negative is not None:
+            encoded = self.encode_prompt(pipe, negative, control)
+            inputs["negative_prompt_embeds"] = encoded["prompt_embeds"]
+            inputs["negative_prompt_embeds_mask"] = encoded["prompt_embeds_mask"]
+        return inputs
+
+    def sample(
+        self, pipe: Any, prompt: str | dict, size: tuple[int, int], steps: int, generator: Any, control=None
+    ):
         defaults = self.inference_defaults()
+        text = isinstance(prompt, str)
         with self.call_context(pipe):
             return pipe(
                 image=[control] if self.pipeline == "edit_plus" else control,
-                prompt=prompt,
-                negative_prompt=defaults.get("negative_prompt"),
+                **prompt_kwargs(prompt, pipe._execution_device),
+                negative_prompt=defaults.get("negative_prompt") if text else None,
                 true_cfg_scale=defaults.get("true_cfg_scale", 4.0),
                 width=size[0],
                 height=size[1],
@@ -193,6 +209,12 @@ class QwenEditFamily(ModelFamily):
             kwargs.update(image=[image], **held)
         with self.call_context(pipe), during:
             return pipe(**kwargs).images[0]
+
+
+def _padding_mask(mask: torch.Tensor) -> torch.Tensor | None:
+    """The text mask only where it masks something: without one, SDPA can take its fused kernels (the pipeline
+    passes None for unpadded prompts too)."""
+    return None if bool(mask.all()) else mask
 
 
 # ---- edit-plus held to a mask ---------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from stylekit.errors import UsageError
 from stylekit.models import flow
-from stylekit.models.base import ModelFamily, module_dtype
+from stylekit.models.base import ModelFamily, module_dtype, prompt_kwargs
 
 if TYPE_CHECKING:
     import torch
@@ -45,7 +45,7 @@ class SDXLFamily(ModelFamily):
         runtime = runtime or self.runtime()
         # The VAE stays in fp32, as in diffusers' reference trainer: bf16 latents lose detail the LoRA then
         # learns from, and fp16 overflows. Loaded from the checkpoint in fp32, not upcast from rounded weights.
-        kwargs = self._from_pretrained_kwargs(runtime) | {"torch_dtype": torch.float32, "subfolder": "vae"}
+        kwargs = self._from_pretrained_kwargs(runtime) | {"dtype": torch.float32, "subfolder": "vae"}
         components.setdefault("vae", AutoencoderKL.from_pretrained(self.source("train"), **kwargs))
         pipe = super().load_encoders(runtime, **components)
         # Training adds noise with the DDPM schedule the checkpoint was trained on.
@@ -134,9 +134,23 @@ class SDXLFamily(ModelFamily):
             return capped / (snr + 1)
         return capped / snr
 
-    def sample(self, pipe: Any, prompt: str, size: tuple[int, int], steps: int, generator: Any, control=None):
+    def sampling_inputs(self, pipe: Any, prompt: str, control: Any = None) -> dict[str, torch.Tensor]:
+        # Sampling uses CFG: the negative (zeroed for an empty negative prompt, as SDXL base was trained) too.
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+            prompt=prompt, device=pipe.device, num_images_per_prompt=1, do_classifier_free_guidance=True
+        )
+        return {
+            "prompt_embeds": embeds,
+            "negative_prompt_embeds": negative,
+            "pooled_prompt_embeds": pooled,
+            "negative_pooled_prompt_embeds": negative_pooled,
+        }
+
+    def sample(
+        self, pipe: Any, prompt: str | dict, size: tuple[int, int], steps: int, generator: Any, control=None
+    ):
         kwargs = {
-            "prompt": prompt,
+            **prompt_kwargs(prompt, pipe._execution_device),
             "width": size[0],
             "height": size[1],
             "num_inference_steps": steps,

@@ -126,6 +126,12 @@ def checkpoint_root(cfg: DictConfig, data_hash: str) -> Path:
     return checkpoints_dir(cfg) / f"{cfg.get('task_name', 'train')}-{identity_hash(cfg, data_hash)}"
 
 
+def gradient_checkpointing(trainer: DictConfig, family: Any) -> bool:
+    """trainer.gradient_checkpointing, with `auto` meaning the family's default."""
+    value = trainer.get("gradient_checkpointing", "auto")
+    return bool(family.gradient_checkpointing_default) if value == "auto" else bool(value)
+
+
 def check_trainer_config(cfg: DictConfig) -> None:
     """Reject bad numbers before anything heavy runs, naming the key."""
     t = cfg.trainer
@@ -154,6 +160,8 @@ def check_trainer_config(cfg: DictConfig) -> None:
         ("trainer.max_grad_norm", t.max_grad_norm or 0.0, float),
         ("trainer.prior_loss_weight", t.prior_loss_weight, float),
         ("trainer.warmup_steps", t.warmup_steps, int),
+        ("trainer.logit_mean", t.get("logit_mean", 0.0), float),
+        ("trainer.logit_std", t.get("logit_std", 1.0), float),
     )
     for key, value, kind in numbers:
         try:
@@ -180,6 +188,12 @@ def check_trainer_config(cfg: DictConfig) -> None:
         raise UsageError(f"optimizer.betas={list(betas)} must be two numbers in [0, 1), e.g. [0.9,0.999]")
     if str(t.lora_format) not in ("diffusers", "comfyui"):
         raise UsageError(f"trainer.lora_format={t.lora_format!r} is not one of: diffusers, comfyui")
+    if float(t.get("logit_std", 1.0)) <= 0:
+        raise UsageError(f"trainer.logit_std={t.logit_std} must be > 0 (e.g. 1.0)")
+    if t.get("gradient_checkpointing", "auto") not in ("auto", True, False):
+        raise UsageError(
+            f"trainer.gradient_checkpointing={t.gradient_checkpointing!r} is not one of: auto, true, false"
+        )
     if t.mixed_precision not in ("auto", "no", "bf16", "fp16"):
         raise UsageError(f"trainer.mixed_precision={t.mixed_precision!r} is not one of: auto, no, bf16, fp16")
 

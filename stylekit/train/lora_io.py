@@ -153,6 +153,11 @@ def read_metadata(path: Path) -> dict[str, str]:
 def verify_loads(pipe: Any, lora_dir: Path, adapter_name: str = "trained") -> None:
     """Load the saved file into a pipeline the way users will; fail loudly if it does not apply.
     The adapter stays loaded, so the caller can sample with exactly what was saved."""
+    from diffusers.utils import logging as diffusers_logging
+
+    # Pipelines built without text encoders (training's samplers) report "no LoRA keys for NoneType": noise.
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
     try:
         pipe.load_lora_weights(str(lora_dir), weight_name=WEIGHT_NAME, adapter_name=adapter_name)
         adapters = pipe.get_list_adapters()
@@ -160,6 +165,8 @@ def verify_loads(pipe: Any, lora_dir: Path, adapter_name: str = "trained") -> No
         raise RuntimeError(
             f"the LoRA saved to {lora_dir} does not load back with load_lora_weights: {error}"
         ) from error
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     if not any(adapter_name in names for names in adapters.values()):
         raise RuntimeError(f"the LoRA saved to {lora_dir} loaded but attached to no module")
 

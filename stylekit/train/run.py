@@ -36,6 +36,7 @@ def run(cfg: DictConfig) -> float:
         raise
     # Every data problem surfaces here, before any model is loaded.
     samples = prepare_samples(cfg, multiple=family.bucket_multiple, seed=int(cfg.seed))
+    family.check_runnable("train")  # no GPU for a real model, or weights out of reach: one line, no download
     samples = _with_controls(samples, family)
     train_samples, val_samples = _split_validation(samples, int(cfg.trainer.get("val_images", 1)))
     run_dir = Path(cfg.output_dir)
@@ -116,7 +117,7 @@ class Session:
         self.seed = int(cfg.seed)
         # The Accelerator comes first: under `accelerate launch` it pins each rank to its own GPU, and every
         # model must load onto that device, not onto cuda:0.
-        self.accelerator = _accelerator(str(self.trainer.mixed_precision))
+        self.accelerator = _accelerator(str(self.trainer.mixed_precision), cpu=family.device == "cpu")
         self.run_dir = _shared_run_dir(self.accelerator, run_dir)
         resolved = OmegaConf.to_container(cfg, resolve=True)
         if self.accelerator.is_main_process:
@@ -184,6 +185,7 @@ class Session:
         self.val_control = val_samples[0].control_pixels() if self.family.needs_control else None
         self.first_caption = train_samples[0].caption
         self.sample_size = train_samples[0].size
+        self.sampling_inputs = self._encode_sampling_prompts()
         log.info(
             "Encoded %d examples in %.1fs: cache %s (%s)",
             len(self.examples) + len(self.val_examples) + len(self.class_examples),
@@ -191,9 +193,19 @@ class Session:
             self.cache.stats,
             root,
         )
-        # Encoders leave the accelerator for training; validation brings them back briefly.
+        # Encoders leave the accelerator for training; sampling brings back only the VAE (the prompts are
+        # encoded above), so a card that fits training fits its validation too.
         self.encoders.to("cpu")
         loop.free_memory()
+
+    def _encode_sampling_prompts(self) -> list[dict[str, Any]]:
+        """The validation prompts' tensors (with their negatives), kept on the CPU until sampling."""
+        import torch
+
+        control = _to_pil(self.val_control) if self.val_control is not None else None
+        with torch.inference_mode():
+            encoded = [self.family.sampling_inputs(self.encoders, p, control) for p in self._prompts()]
+        return [{k: v.to("cpu") if hasattr(v, "to") else v for k, v in e.items()} for e in encoded]
 
     def _model_id(self) -> str:
         """Everything about the family that can change an encoding (sequence length, condition areas...)."""
@@ -249,7 +261,7 @@ class Session:
                 "Session.identify(data_hash) must run before train(): checkpoints are keyed on it"
             )
         denoiser = self._denoiser()
-        if trainer.gradient_checkpointing:
+        if loop.gradient_checkpointing(trainer, self.family):
             denoiser.enable_gradient_checkpointing()
         torch.manual_seed(self.seed)  # the LoRA's initial weights are part of what `seed` reproduces
         self.lora_config = lora_io.attach_lora(denoiser, self.cfg.lora, self.family)
@@ -261,6 +273,10 @@ class Session:
         accelerator = self.accelerator
         # The schedule stays unwrapped: accelerate's wrapper would step it once per process on every step.
         model, optimizer = accelerator.prepare(denoiser, optimizer)
+        # accelerate wraps the forward in autocast plus an fp32 cast of its outputs. Training autocasts itself
+        # (`_batch_loss`), and sampling must get the denoiser's own output dtype: fp32 latents from the wrapper
+        # reach a bf16 VAE and fail ("Input type (float) and bias type (c10::BFloat16) should be the same").
+        accelerator.unwrap_model(model, keep_fp32_wrapper=False)
         # One process and no fp16 loss scaling: accelerate's wrappers add only per-step bookkeeping (an importlib
         # search, signature inspection, a DTensor scan of every parameter), so step the plain optimizer.
         single = accelerator.num_processes == 1 and accelerator.scaler is None
@@ -364,9 +380,10 @@ class Session:
                 lora_io.lora_state_dict(self.accelerator.unwrap_model(self.model)),
                 str(folder / "lora.safetensors"),
             )
-            torch.save(
-                {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, folder / "optim.pt"
-            )
+            state = {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}
+            if self.accelerator.scaler is not None:  # fp16 on CUDA: the loss scale is part of the state
+                state["scaler"] = self.accelerator.scaler.state_dict()
+            torch.save(state, folder / "optim.pt")
             (folder / "state.json").write_text(
                 json.dumps(
                     {
@@ -401,12 +418,13 @@ class Session:
         saved = torch.load(checkpoint / "optim.pt", map_location="cpu", weights_only=False)
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
+        if "scaler" in saved and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(saved["scaler"])
         log.info("Resumed from %s (step %d)", checkpoint, state["step"])
-        if (
-            state.get("dataset_hash", self.data_hash) != self.data_hash
-        ):  # only an explicit trainer.resume=PATH
+        trained_on = state.get("dataset_hash", self.data_hash)
+        if trained_on != self.data_hash:  # only an explicit trainer.resume=PATH can point at other data
             log.warning("%s was trained on other data (dataset hash %s, now %s); continuing from its weights as "
-                        "trainer.resume asks", checkpoint, state.get("dataset_hash"), self.data_hash)  # fmt: skip
+                        "trainer.resume asks", checkpoint, trained_on, self.data_hash)  # fmt: skip
         elif int(state["step"]) >= int(self.trainer.max_steps):
             earlier = finished_lora(self.checkpoint_root)
             where = f"its LoRA is {earlier}" if earlier else "its LoRA file is gone"
@@ -445,8 +463,8 @@ class Session:
         log.info("step %d: validation loss %.5f", step, val_loss)
         self.tracker.log({"val/loss": val_loss}, step=step)
         if samples and self.accelerator.is_main_process:
-            pipe = self.family.pipeline_with(self.accelerator.unwrap_model(self.model), self.encoders)
-            self._sample_grid(pipe, step)
+            denoiser = self.accelerator.unwrap_model(self.model)
+            self._sample_grid(self.family.pipeline_with(denoiser, self.encoders, text_encoders=False), step)
         return val_loss
 
     def _sample_steps(self) -> int:
@@ -461,18 +479,20 @@ class Session:
 
         from stylekit.io import atomic_write_bytes
 
-        self.encoders.to(self.runtime.device)
+        pipe.vae.to(self.runtime.device)
+        pipe.set_progress_bar_config(disable=True)  # the training bar already says where the run is
         control = _to_pil(self.val_control) if self.val_control is not None else None
         images = []
-        with torch.no_grad():
-            for i, prompt in enumerate(self._prompts()):
+        # Autocast as in training: what the samples show is what the training steps computed.
+        with torch.inference_mode(), self.accelerator.autocast():
+            for i, inputs in enumerate(self.sampling_inputs):
                 generator = torch.Generator(self.runtime.device).manual_seed(self.seed + i)
                 images.append(
                     self.family.sample(
-                        pipe, prompt, self.sample_size, self._sample_steps(), generator, control
+                        pipe, inputs, self.sample_size, self._sample_steps(), generator, control
                     )
                 )
-        self.encoders.to("cpu")
+        pipe.vae.to("cpu")
         grid = _grid(images)
         path = self.run_dir / "samples" / f"step_{step:06d}.png"
         path.parent.mkdir(exist_ok=True)
@@ -508,7 +528,9 @@ class Session:
         self.model = self.denoiser = None
         self.accelerator.free_memory()  # it holds the trained model and optimizer too
         loop.free_memory()
-        fresh = self.family.pipeline_with(self.family.load_denoiser(self.runtime), self.encoders)
+        fresh = self.family.pipeline_with(
+            self.family.load_denoiser(self.runtime), self.encoders, text_encoders=False
+        )
         lora_io.verify_loads(fresh, lora_dir)
         grid = self._sample_grid(fresh, self.steps_done)
         # The tracker owns summary.json (and W&B's run summary): writing it here too lost one or the other.
@@ -544,14 +566,21 @@ def _png_bytes(image: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _accelerator(mixed_precision: str) -> Any:
+def _accelerator(mixed_precision: str, cpu: bool = False) -> Any:
     import torch
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() and not cpu
     # auto: bf16 autocast on CUDA, none on CPU; an explicit bf16/fp16 is honoured on CPU too (the precision tier
     # of the tests runs what a CUDA run runs).
     precision = mixed_precision if mixed_precision != "auto" else ("bf16" if cuda else "no")
+    from accelerate.state import AcceleratorState
+
+    # One process may train several runs in turn (a sweep under Hydra's basic launcher, tests): accelerate keeps
+    # the precision process-wide and refuses another, so a run asking for a different one starts afresh.
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") != precision:
+        AcceleratorState._reset_state()
     # Some LoRA targets get no gradient (Qwen's last block discards its text stream); DDP must not wait for them.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     return Accelerator(mixed_precision=precision, cpu=not cuda, kwargs_handlers=[ddp])

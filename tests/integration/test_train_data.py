@@ -274,7 +274,10 @@ def test_comfyui_copy_of_a_dora_lora_rebuilds_the_trained_weights_as_comfyui_mer
     base = {name: p.detach().clone() for name, p in pipe.transformer.named_parameters()}
     pipe.load_lora_weights(str(result.run_dir / "lora"))
     pipe.fuse_lora()
-    fused = dict(pipe.transformer.named_parameters())
+    # Fused layers keep peft's wrapper: the merged weight sits in its base_layer.
+    fused = {
+        n.replace(".base_layer", ""): p for n, p in pipe.transformer.named_parameters() if "lora_" not in n
+    }
 
     prefix = "lora_transformer_"
     modules = {key[len(prefix) :].split(".")[0] for key in comfy}

@@ -211,3 +211,15 @@ def test_group_and_name_outside_hydra() -> None:
     assert run_group({"group": None}, None) is None
     assert run_group({"group": "mine"}, None) == "mine"
     assert run_name(None) is None
+
+
+def test_an_offline_wandb_run_is_named_by_its_id_in_the_log_not_none(
+    offline: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="stylekit.tracking"):
+        tracker = make_tracker({"backend": "wandb", "project": "p", "mode": "offline"}, offline, {}, None)
+        tracker.finish()
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("W&B run")]
+    assert "W&B run None" not in line
+    (run,) = (offline / "wandb").glob("offline-run-*")
+    assert run.name.rsplit("-", 1)[1] in line  # the id W&B names the folder and `wandb sync` by
