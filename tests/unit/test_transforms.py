@@ -294,3 +294,61 @@ def test_tile_size_off_the_model_grid_is_a_usage_error() -> None:
 def test_boolean_flags_are_accepted() -> None:
     opts = DataOptions.from_cfg({"random_flip": True, "center_crop": False})
     assert opts.random_flip == 0.5 and opts.crop == "random"
+
+
+# --------------------------------------------------------------------------- what the encodings carry
+
+
+def test_crop_top_left_is_in_the_scaled_photo_and_mirrored_with_a_flip() -> None:
+    photo = record(size=(150, 100))
+    bucket = (128, 128)
+    box = bucket_crop_box(150, 100, bucket, "center")  # 100x100 at x=25, scaled by 1.28
+    assert Sample(photo, box, bucket, "a cat").crop_top_left() == (0, 32)
+    # Flipped, the crop is taken from the mirrored photo: a box ending 10 px from the right edge starts 10 px in.
+    assert Sample(photo, (40, 0, 140, 100), bucket, "a cat", flip=True).crop_top_left() == (
+        0,
+        round(10 * 1.28),
+    )
+    assert Sample(photo, (40, 0, 140, 100), bucket, "a cat").original_size == (150, 100)
+    # A tile is not scaled: its offset in the photo is the crop.
+    assert Sample(record(size=(300, 200)), (128, 64, 192, 128), (64, 64), "a cat").crop_top_left() == (
+        64,
+        128,
+    )
+
+
+def test_cache_key_tracks_the_original_size_and_the_size_the_control_is_encoded_at() -> None:
+    base = Sample(record(size=(100, 100)), (0, 0, 100, 100), (64, 64), "a cat")
+    other_photo = Sample(record(size=(100, 120)), (0, 0, 100, 100), (64, 64), "a cat")
+    assert cache_key(base, "m") != cache_key(other_photo, "m")
+    paired = ImageRecord(
+        Path("x.png"), "a cat", (100, 100), "0123456789abcdef", Path("c.png"), "fedcba9876543210"
+    )
+    sample = Sample(paired, (0, 0, 100, 100), (64, 64), "a cat")
+    assert cache_key(sample, "m", control_size=(64, 64)) == cache_key(sample, "m")
+    assert cache_key(sample, "m", control_size=(128, 128)) != cache_key(sample, "m")
+
+
+def test_a_photo_replaced_under_the_same_name_is_decoded_anew(tmp_path: Path) -> None:
+    from stylekit.data.dataset import file_hash
+
+    path = tmp_path / "photo.png"
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(path)
+    first = Sample(ImageRecord(path, "", (64, 64), file_hash(path)), (0, 0, 64, 64), (64, 64), "")
+    assert float(first.pixels()[0].mean()) > 0.5
+    Image.new("RGB", (64, 64), (10, 10, 200)).save(path)
+    again = Sample(ImageRecord(path, "", (64, 64), file_hash(path)), (0, 0, 64, 64), (64, 64), "")
+    assert float(again.pixels()[0].mean()) < -0.5
+
+
+def test_sdxl_trains_on_a_64_px_grid_and_qwen_encodes_controls_at_its_condition_area() -> None:
+    from stylekit.models.qwen_edit import QwenEditFamily
+    from stylekit.models.sdxl import SDXLFamily
+
+    sdxl = SDXLFamily(pretrained="tiny:sdxl")
+    assert sdxl.bucket_multiple == 64 and sdxl.resolution_multiple == 8  # inpainting crops keep 8 px
+    assert all(w % 64 == 0 and h % 64 == 0 for w, h in make_buckets(1024, sdxl.bucket_multiple))
+    qwen = QwenEditFamily(pretrained="tiny:qwen_edit", condition_area=1024 * 1024)
+    assert qwen.bucket_multiple == 32
+    assert qwen.control_size((512, 512)) == (1024, 1024)
+    assert qwen.control_size((640, 384)) == (1312, 800)  # ~1 MP at 5:3, sides on a 32 px grid
