@@ -39,7 +39,6 @@ from stylekit.remote.worker import InpaintSession, check_gpu, prefetch_models, r
 WORKER_NAME = "run_job"
 PREFETCH_NAME = "prefetch"
 INFO_NAME = "deployment_info"
-DEPLOY_MODULE = "stylekit.remote.app"
 # The uv that builds the image: pinned, so a new uv release cannot change what a rebuild installs.
 UV_VERSION = "0.13.9"
 # pyproject tables that decide what `uv sync --frozen` installs; the rest (ruff, pytest, hatch settings) must

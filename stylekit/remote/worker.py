@@ -268,6 +268,20 @@ def driver_summary() -> str:
     return f"{driver[1]} (supports CUDA up to {cuda[1] if cuda else 'unknown'})"
 
 
+def gpu_probe() -> dict[str, Any]:
+    """What a GPU container sees: nvidia-smi's driver, torch's CUDA build, and whether torch can use the GPU."""
+    import torch
+
+    available = torch.cuda.is_available()
+    return {
+        "cuda_available": available,
+        "device": torch.cuda.get_device_name(0) if available else None,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "driver": driver_summary(),
+    }
+
+
 # ---- one job, several processes ---------------------------------------------------------------------------
 
 RANKS_MODULE = "stylekit.remote.ranks"
