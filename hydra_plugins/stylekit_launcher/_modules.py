@@ -52,6 +52,7 @@ def locked_packages(lock_file: Path) -> frozenset[str]:
     return frozenset(_normalize(p["name"]) for p in data.get("package", []))
 
 
+@cache
 def _is_stdlib(top: str) -> bool:
     if top in sys.stdlib_module_names or top in sys.builtin_module_names:
         return True
@@ -60,11 +61,17 @@ def _is_stdlib(top: str) -> bool:
     return origin in ("built-in", "frozen") or origin.startswith(sysconfig.get_paths()["stdlib"])
 
 
+@cache
+def _top_level_distributions() -> dict[str, list[str]]:
+    return packages_distributions()  # scans every installed distribution: once per process
+
+
+@cache
 def _distributions(module: str) -> list[str]:
     """The installed distributions providing ``module`` (for namespace packages such as hydra_plugins, the
     ones whose files hold its sub-package)."""
     top = module.split(".")[0]
-    names = packages_distributions().get(top, [])
+    names = _top_level_distributions().get(top, [])
     if "." not in module or len(names) <= 1:
         return names
     from importlib.metadata import distribution
@@ -73,17 +80,21 @@ def _distributions(module: str) -> list[str]:
     return [n for n in names if any(str(f).startswith(sub) for f in distribution(n).files or [])]
 
 
+def _own_or_stdlib(module: str, top: str, own_packages: tuple[str, ...]) -> bool:
+    if module == "__main__" or any(module == p or module.startswith(p + ".") for p in own_packages):
+        return True
+    return _is_stdlib(top)
+
+
 def missing_from_image(modules: set[str], own_packages: tuple[str, ...], lock_file: Path) -> list[str]:
     """Lines naming each module the image lacks, with the distribution to add to uv.lock."""
     locked = locked_packages(lock_file)
     problems = []
     for module in sorted(modules):
         top = module.split(".")[0]
-        if module == "__main__" or _is_stdlib(top):
+        if _own_or_stdlib(module, top, own_packages):
             continue
-        if any(module == p or module.startswith(p + ".") for p in own_packages):
-            continue
-        dists = _distributions(module)
+        dists = _distributions(".".join(module.split(".")[:2]))
         if any(_normalize(d) in locked for d in dists):
             continue
         if dists:

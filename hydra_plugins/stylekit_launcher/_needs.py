@@ -47,6 +47,8 @@ def _family_source(model: Any, task: str) -> str | None:
     pretrained, inpaint = model.get("pretrained"), model.get("inpaint_pretrained")
     if str(pretrained).startswith(TINY_PREFIX):
         return None
+    if "_target_" not in model:
+        return str(inpaint if task == "inpaint" and inpaint else pretrained)
     try:
         from hydra.utils import instantiate
 

@@ -332,7 +332,7 @@ def quiet_rank_config(config: DictConfig) -> DictConfig:
     from omegaconf import open_dict, read_write
 
     config = copy.deepcopy(config)
-    with read_write(config), open_dict(config):
+    with read_write(config.hydra), open_dict(config.hydra):
         config.hydra.output_subdir = None
         logging_cfg = config.hydra.get("job_logging") or {}
         handlers = logging_cfg.get("handlers") or {}
