@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -77,8 +78,9 @@ def test_deployed_functions_name_a_module_the_image_holds() -> None:
     from stylekit.remote.commands import deploy_argv
 
     docs = (ROOT / "docs" / "modal.md").read_text() + (ROOT / "README.md").read_text()
-    deploys = [line.strip() for line in docs.splitlines() if "modal deploy" in line and "`" not in line[:1]]
-    assert deploys and all("-m stylekit.remote.app" in line for line in deploys), deploys
+    # Every `modal deploy` the docs tell a user to type (not `stylekit modal deploy`) uses module mode.
+    deploys = re.findall(r"(?<!stylekit )\bmodal deploy\s+(\S+)\s+([\w.]+)", docs)
+    assert deploys and all(d == ("-m", "stylekit.remote.app") for d in deploys), deploys
     argv = deploy_argv()
     assert argv[-3:] == ["deploy", "-m", "stylekit.remote.app"]
     module = import_file_or_module(parse_import_ref(argv[-1], use_module_mode=True, command="modal deploy"))
