@@ -52,16 +52,19 @@ def write_manifest(
 
 
 def _poll(call: Any) -> tuple[bool, Any]:
-    """(finished, output) without waiting."""
-    from modal.exception import OutputExpiredError
+    """(finished, output) without waiting. A lost connection raises: it says nothing about the job."""
+    from modal.exception import AuthError, FunctionTimeoutError, OutputExpiredError
+    from modal.exception import ConnectionError as ModalConnectionError
     from modal.exception import TimeoutError as ModalTimeout
 
     try:
         return True, call.get(timeout=0)
-    except OutputExpiredError as error:
+    except (OutputExpiredError, FunctionTimeoutError) as error:  # both are "timeouts" that mean finished
         return True, error
-    except (ModalTimeout, TimeoutError):
+    except ModalTimeout:
         return False, None
+    except (ModalConnectionError, AuthError, OSError):
+        raise
     except Exception as error:  # the call failed (container crash after its retries, ...)
         return True, error
 

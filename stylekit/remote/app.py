@@ -15,6 +15,7 @@ hence module mode. Everything here is at module scope and builds nothing until M
 """
 
 import hashlib
+import logging
 import os
 import tempfile
 import tomllib
@@ -141,6 +142,14 @@ def call_options(settings: ModalSettings, secret_names: list[str]) -> dict:
     """``Cls.with_options`` keywords: the launcher's GPU, timeout, resources, volumes and secrets per launch."""
     options = function_options(settings, modal.Image.debian_slim(), secret_names)
     del options["image"]
+    if isinstance(options["gpu"], list):
+        # with_options takes one GPU type (modal 1.6: parse_gpu_config refuses lists); the first is preferred.
+        logging.getLogger(__name__).warning(
+            "The deployed Inpainter takes one GPU type per call: using %s of %s",
+            options["gpu"][0],
+            options["gpu"],
+        )
+        options["gpu"] = options["gpu"][0]
     # with_options cannot unset a value (None means "as deployed"); CPU-only stays as deployed.
     return {key: value for key, value in options.items() if value is not None}
 

@@ -306,7 +306,7 @@ def run_ranks(payload: Payload) -> JobResult:
     import dataclasses
     import subprocess
 
-    gpus = payload.container.gpus if payload.container is not None else 0
+    gpus = payload.container.gpus if payload.container is not None else _local_gpus(payload.processes)
     single = dataclasses.replace(payload, processes=1, container=None)
     with tempfile.TemporaryDirectory(prefix="stylekit-ranks-") as tmp:
         payload_file, result_file = Path(tmp, "payload.pkl"), Path(tmp, "result.pkl")
@@ -323,6 +323,13 @@ def run_ranks(payload: Payload) -> JobResult:
         error=f"the job's {payload.processes} processes exited with code {code} before rank 0 reported a "
         "result; their output is in the log above",
     )
+
+
+def _local_gpus(processes: int) -> int:
+    """backend=local: one GPU per process when this machine has enough, else CPU processes."""
+    import torch
+
+    return processes if torch.cuda.is_available() and torch.cuda.device_count() >= processes else 0
 
 
 def quiet_rank_config(config: DictConfig) -> DictConfig:

@@ -291,6 +291,9 @@ def test_deployed_inpainter_is_opt_in_takes_the_launch_options_and_uploads_only_
     (applied,) = deployed.options
     assert (applied["gpu"], applied["timeout"], applied["secrets"]) == ("L40S", 1234, [])
     assert applied["memory"] >= 64 * 1024 and set(applied["volumes"]) == {"/cache", str(tmp_path / "volume")}
+    from stylekit.remote.app import call_options
+
+    assert call_options(ModalSettings(gpu="H100,A100-80GB"), [])["gpu"] == "H100"  # one type per call
     uploads = [p.name for p in (tmp_path / "volume" / ".inputs").glob("*/*")]
     assert uploads == ["style.safetensors"]  # images travel as bytes; nothing else goes to the volume
     # Without the flag the same job runs in its own container, deployed app or not.
@@ -432,6 +435,19 @@ def test_ctrl_c_still_copies_back_every_finished_job(
     assert not (sweep / "1").exists()
     manifest = json.loads((sweep / ".stylekit-modal.json").read_text())
     assert [job["call_id"] for job in manifest["jobs"]] == ["fc-0", "fc-1", "fc-2"]
+
+
+def test_a_timed_out_job_is_finished_and_a_lost_connection_is_an_interruption() -> None:
+    from modal.exception import ConnectionError as ModalConnectionError
+    from modal.exception import FunctionTimeoutError
+
+    from hydra_plugins.stylekit_launcher._sweep import _poll
+
+    finished, output = _poll(modal_fakes.FakeCall("a", [FunctionTimeoutError("ran past its timeout")]))
+    assert finished and isinstance(output, FunctionTimeoutError)  # not polled forever as "still running"
+    assert _poll(modal_fakes.FakeCall("b", ["running"])) == (False, None)
+    with pytest.raises(ModalConnectionError):
+        _poll(modal_fakes.FakeCall("c", [ModalConnectionError("connection lost")]))
 
 
 def test_a_detached_sweep_returns_at_once_and_collect_fetches_it_later(
