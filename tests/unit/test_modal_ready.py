@@ -708,6 +708,26 @@ def test_modal_check_without_credentials_is_one_line_and_exit_2(tmp_path: Path) 
     assert time.perf_counter() - start < 60  # no network wait
 
 
+@pytest.mark.parametrize("command", [["deploy", "--gpu", "L40S"], ["clean", "--yes"], ["check"]])
+def test_modal_commands_need_credentials_first(monkeypatch: pytest.MonkeyPatch, command: list[str]) -> None:
+    from typer.testing import CliRunner
+
+    from stylekit import cli
+    from stylekit.remote import commands
+
+    monkeypatch.setattr(commands, "has_credentials", lambda: False)
+    result = CliRunner().invoke(cli.app, ["modal", *command])
+    assert result.exit_code == 2 and "no Modal credentials: run `modal token new`" in result.output
+
+
+def test_deploy_runs_modal_in_module_mode_with_the_chosen_gpu_and_app() -> None:
+    from stylekit.remote.commands import deploy_argv, deploy_env
+
+    assert deploy_argv()[1:] == ["-m", "modal", "deploy", "-m", "stylekit.remote.app"]
+    env = deploy_env(gpu="H100,A100-80GB", app_name="team-inpaint")
+    assert (env["STYLEKIT_MODAL_GPU"], env["STYLEKIT_MODAL_APP"]) == ("H100,A100-80GB", "team-inpaint")
+
+
 def test_the_check_edits_with_the_lora_its_sweep_left_on_the_volume() -> None:
     from hydra_plugins.stylekit_launcher._jobs import container_dir
     from stylekit.remote.check import CheckPlan
