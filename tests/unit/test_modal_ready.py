@@ -686,6 +686,27 @@ def test_a_job_runs_as_two_gloo_processes_with_one_run_dir(tmp_path: Path) -> No
     assert sorted(p.name for p in run.iterdir()) == [".hydra", "ddp_job.log", "rank0.json", "rank1.json"]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_a_tiny_training_as_two_processes_brings_back_one_run_dir_and_one_lora(tmp_path: Path) -> None:
+    """What ``hydra.launcher.gpu=H100:2`` runs in the container, on 2 CPU processes (gloo): a real training job."""
+    sweep = tmp_path / "sweep"
+    done = subprocess.run(
+        [sys.executable, "scripts/train.py", "-m", "hydra/launcher=modal", "hydra.launcher.backend=local",
+         "hydra.launcher.gpu=none", "hydra.launcher.processes=2", "experiment=tiny_smoke", "trainer.max_steps=2",
+         "trainer.validate_every=2", "trainer.checkpoint_every=2", "data.dataset_dir=assets/demo/train",
+         "data.trigger=sks", "logger=none", "trainer.resume=never", f"trainer.checkpoint_root={tmp_path / 'ckpt'}",
+         f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=job"],
+        cwd=ROOT, capture_output=True, text=True, timeout=1100, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert sorted(p.name for p in sweep.iterdir()) == ["job", "multirun.yaml"]
+    run = sweep / "job"
+    assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert len(list(run.glob("*.log"))) == 1 and (run / ".hydra" / "config.yaml").is_file()
+    assert list((run / "ranks").iterdir()) == [run / "ranks" / "1"]  # rank 1 kept its metrics beside rank 0's
+
+
 # ---- the live check -------------------------------------------------------------------------------------------
 
 
