@@ -31,7 +31,7 @@ SIZE_MULTIPLE = 32
 def pipeline_size(target_area: float, ratio: float) -> tuple[int, int]:
     """The size diffusers' Qwen-Image-Edit pipelines resize an image of aspect `ratio` to: their private
     `calculate_dimensions` (sides of about sqrt(area * ratio), rounded to 32). Kept here so planning a crop
-    needs no diffusers import; tests/unit/test_qwen_sizes.py checks it still matches diffusers'."""
+    needs no diffusers import; tests/unit/test_edit_sizes.py checks it still matches diffusers'."""
     width = math.sqrt(target_area * ratio)
     height = width / ratio
     return round(width / SIZE_MULTIPLE) * SIZE_MULTIPLE, round(height / SIZE_MULTIPLE) * SIZE_MULTIPLE
@@ -53,10 +53,9 @@ def fixed_point_size(crop_w: int, crop_h: int, target_area: int) -> tuple[int, i
     for dw in range(-3, 4):
         for dh in range(-3, 4):
             width, height = first_w + dw * SIZE_MULTIPLE, first_h + dh * SIZE_MULTIPLE
-            if min(width, height) < SIZE_MULTIPLE or pipeline_size(target_area, width / height) != (
-                width,
-                height,
-            ):
+            if min(width, height) < SIZE_MULTIPLE:
+                continue
+            if pipeline_size(target_area, width / height) != (width, height):
                 continue
             key = (abs(math.log(width / height / ratio)), abs(math.log(width * height / target_area)))
             if best is None or key < best[0]:
