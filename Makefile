@@ -9,10 +9,10 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help uv install test test-all lint format smoke bench demo clean
+.PHONY: help uv install test test-all lint format smoke bench demo deploy modal-check modal-clean clean
 
 help: ## Show this help
-	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
 
 uv: # install uv when the machine lacks it (a fresh machine needs only Python 3.11 and make)
 	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
@@ -61,6 +61,18 @@ demo: install ## The main job end to end: train a LoRA on the demo photos, inpai
 	  image=assets/demo/base/chelsea.jpg mask=assets/demo/masks/chelsea.png lora_weights=outputs/demo/train/lora \
 	  inpaint/preprocess=grayscale save_comparison=true output_dir=outputs/demo hydra.run.dir=outputs/demo/inpaint
 	@echo "LoRA: outputs/demo/train/lora  samples: outputs/demo/train/samples  before/after: outputs/demo/chelsea_comparison.png"
+
+GPU ?=
+APP ?=
+deploy: install ## Deploy the warm Inpainter to Modal (GPU=H100 or "H100,A100-80GB"; APP=stylekit)
+	$(RUN) stylekit modal deploy $(if $(GPU),--gpu "$(GPU)") $(if $(APP),--app "$(APP)")
+
+modal-check: install ## Check Modal with your account: deploy, tiny sweep, edit with its LoRA, GPU probe, cost
+	$(RUN) stylekit modal check
+
+DAYS ?= 30
+modal-clean: install ## List runs/checkpoints/.inputs older than DAYS on the outputs volume (YES=1 removes)
+	$(RUN) stylekit modal clean --older-than $(DAYS) $(if $(YES),--yes)
 
 clean: ## Remove outputs, caches and the virtualenv
 	rm -rf outputs multirun .pytest_cache .ruff_cache .stylekit-cache .venv

@@ -1,4 +1,4 @@
-"""Inpaint jobs on the deployed ``Inpainter`` (``modal deploy stylekit/remote/app.py``): a warm pipeline.
+"""Inpaint jobs on the deployed ``Inpainter`` (``stylekit modal deploy``): a warm pipeline.
 
 The job itself runs here (its run dir, ``.hydra/`` and log are local); each (image, mask) pair goes to the
 deployed class as bytes and the files it wrote come back into the job's ``output_dir``.
@@ -11,7 +11,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from stylekit.remote.worker import is_model_override, override_key, quote
 
@@ -19,6 +19,18 @@ log = logging.getLogger(__name__)
 
 # Overrides this machine handles (which files, where results go) or that the call cannot carry.
 _LOCAL_KEYS = ("image", "mask", "output_dir", "lora_weights", "hydra")
+
+
+def lora_entries(config: DictConfig, updates: dict[str, Any]) -> list[str] | str | None:
+    """The job's ``lora_weights`` as the container must see them: uploaded local files at their volume path,
+    every other entry (a path already on the volume, a Hub id, a typo) exactly as given, so that it loads or
+    fails there as it would in the job's own container."""
+    if "lora_weights" in updates:
+        return updates["lora_weights"]
+    value = OmegaConf.select(config, "lora_weights", default=None)
+    if isinstance(value, ListConfig):
+        return [str(v) for v in OmegaConf.to_container(value, resolve=True)]
+    return None if value is None else str(value)
 
 
 def call_overrides(overrides: list[str], lora_weights: list[str] | str | None) -> list[str]:

@@ -22,6 +22,7 @@ INPUTS_DIR = ".inputs"
 # "path:0.8" in lora_weights: a path followed by a LoRA scale.
 _SCALE = re.compile(r"^(?P<path>.+?)(?P<scale>:[-+]?(\d+\.?\d*|\.\d+))$")
 _HASH_CHUNK = 1 << 20
+DOWNLOAD_WORKERS = 8
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ def apply_updates(cfg: DictConfig, updates: dict[str, Any]) -> None:
 
 def upload(volume: Any, staged: list[Staged]) -> None:
     """Upload what the volume lacks; the content hash in the path means present is up to date."""
-    todo = {item.volume_path: item for item in staged if not _exists(volume, item.volume_path)}
+    todo = {item.volume_path: item for item in staged if not exists(volume, item.volume_path)}
     if not todo:
         return
     with volume.batch_upload() as batch:
@@ -122,7 +123,7 @@ def upload(volume: Any, staged: list[Staged]) -> None:
                 batch.put_file(item.local, item.volume_path)
 
 
-def _exists(volume: Any, path: str) -> bool:
+def exists(volume: Any, path: str) -> bool:
     from modal.exception import NotFoundError
 
     try:
@@ -131,21 +132,28 @@ def _exists(volume: Any, path: str) -> bool:
         return False
 
 
-def download(volume: Any, volume_dir: str, local_dir: Path) -> int:
-    """Copy every file under ``volume_dir`` into ``local_dir`` (same layout); returns how many."""
+def download(volume: Any, volume_dir: str, local_dir: Path, workers: int = DOWNLOAD_WORKERS) -> int:
+    """Copy every file under ``volume_dir`` into ``local_dir`` (same layout), several files at a time.
+
+    Each file lands whole or not at all (written beside, then renamed). Returns how many.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     root = PurePosixPath(volume_dir.strip("/"))
-    count = 0
-    for entry in volume.iterdir(str(root), recursive=True):
-        if not _is_file(entry):
-            continue
-        dest = local_dir / PurePosixPath(entry.path).relative_to(root)
+    paths = [entry.path for entry in volume.iterdir(str(root), recursive=True) if _is_file(entry)]
+
+    def fetch(path: str) -> None:
+        dest = local_dir / PurePosixPath(path).relative_to(root)
         dest.parent.mkdir(parents=True, exist_ok=True)
         partial = dest.with_name(dest.name + ".part")
         with partial.open("wb") as handle:
-            volume.read_file_into_fileobj(entry.path, handle)
+            volume.read_file_into_fileobj(path, handle)
         partial.replace(dest)
-        count += 1
-    return count
+
+    # Each file is one round trip to Modal; a run dir holds dozens (samples, checkpoints' metadata, logs).
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        list(pool.map(fetch, paths))
+    return len(paths)
 
 
 def _is_file(entry: Any) -> bool:

@@ -27,6 +27,11 @@ class ModalLauncherConf(ModalSettings):
     backend: str = "modal"
     # Print each job's overrides, GPU, volumes and paths, and run nothing (Modal is not contacted).
     dry_run: bool = False
+    # Inpaint jobs send their edits to the deployed Inpainter (`stylekit modal deploy`) instead of starting a
+    # container each; this launch's gpu/timeout/volumes/secrets apply through with_options.
+    use_deployed: bool = False
+    # Start the jobs and return; `stylekit modal collect <sweep dir>` copies back the finished ones later.
+    detach: bool = False
     inputs: list[str] = field(default_factory=lambda: list(DEFAULT_INPUTS))
 
 

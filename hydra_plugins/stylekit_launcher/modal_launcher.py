@@ -24,7 +24,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from hydra_plugins.stylekit_launcher._jobs import Job, make_job, prepare_for_container, to_job_return
 from hydra_plugins.stylekit_launcher.config import BACKENDS, ModalLauncherConf
-from stylekit.remote import CONTAINER_PROJECT_DIR, ImageSpec, find_project_root, image_spec
+from stylekit.errors import UsageError
+from stylekit.remote import (
+    CONTAINER_PROJECT_DIR,
+    ImageSpec,
+    find_project_root,
+    gpu_count,
+    image_spec,
+    process_count,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +50,14 @@ class ModalLauncher(Launcher):
         self.task_function = task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        try:
+            return self._launch(job_overrides, initial_job_idx)
+        except UsageError as error:
+            # Hydra would print a traceback and exit 1; a usage problem is one line and exit code 2.
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(error.exit_code) from None
+
+    def _launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         setup_globals()
         assert self.config is not None and self.hydra_context is not None and self.task_function is not None
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
@@ -96,7 +112,10 @@ class ModalLauncher(Launcher):
         if in_container:
             outputs = self.conf.volumes.outputs
             container = Container(
-                workdir=outputs.path, project_dir=CONTAINER_PROJECT_DIR, outputs_volume=outputs.name
+                workdir=outputs.path,
+                project_dir=CONTAINER_PROJECT_DIR,
+                outputs_volume=outputs.name,
+                gpus=gpu_count(self.conf.gpu),
             )
         return Payload(
             index=job.index,
@@ -106,12 +125,18 @@ class ModalLauncher(Launcher):
             task=task,
             project_dir=CONTAINER_PROJECT_DIR if in_container else os.getcwd(),
             container=container,
+            processes=process_count(self.conf),
         )
+
+    def payload_bytes(self, job: Job, task: Any, in_container: bool) -> bytes:
+        from stylekit.remote.worker import dumps
+
+        return dumps(self.payload(job, task, in_container))
 
     # ---- backend=local ------------------------------------------------------------------------------------
     def _run_local(self, jobs: list[Job], spec: ImageSpec) -> list[JobReturn]:
         from stylekit.remote.app import build_remote
-        from stylekit.remote.worker import TaskRef, dumps, loads
+        from stylekit.remote.worker import TaskRef, loads
 
         assert self.config is not None and self.task_function is not None
         worker = build_remote(self.conf, spec).worker
@@ -121,7 +146,7 @@ class ModalLauncher(Launcher):
             with warnings.catch_warnings():
                 # Function.local() warns that volumes are not mounted: backend=local uses local paths.
                 warnings.filterwarnings("ignore", message=".*executing locally.*")
-                result = loads(worker.local(dumps(self.payload(job, task, in_container=False))))
+                result = loads(worker.local(self.payload_bytes(job, task, in_container=False)))
             returns.append(to_job_return(result, job))
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return returns
@@ -134,7 +159,7 @@ def _settings(params: dict[str, Any]) -> ModalLauncherConf:
     conf = OmegaConf.to_object(merged)
     assert isinstance(conf, ModalLauncherConf)
     if conf.backend not in BACKENDS:
-        raise ValueError(f"hydra.launcher.backend={conf.backend!r}: expected one of {', '.join(BACKENDS)}")
+        raise UsageError(f"hydra.launcher.backend={conf.backend!r}: expected one of {', '.join(BACKENDS)}")
     return conf
 
 

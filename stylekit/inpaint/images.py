@@ -7,6 +7,7 @@ over an input) is a one-line ``UsageError`` that names the path.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import struct
@@ -21,6 +22,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from stylekit.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 # Up to 16k x 16k (a 268-megapixel scan still loads); beyond that a file is far more likely a decompression
 # bomb than a photo. Pillow's own default (89 MP) would reject ordinary 100 MP camera files, so raise it.
@@ -45,9 +48,20 @@ def load_image(path: str | Path) -> Image.Image:
     High-bit-depth greyscale is scaled, not clipped, to 8 bits: ``I;16`` by 255/65535; ``I`` the same when
     its values fit 16 bits, else stretched min..max; ``F`` as is when in [0, 1], else stretched min..max.
     An animated file gives its first frame.
+
+    An embedded RGB colour profile (Display P3 from phones, Adobe RGB from cameras) stays in
+    ``.info["icc_profile"]`` with the pixels untouched, for the output to carry (see ``save_png_atomic``).
+    A profile of another colour space (CMYK, grey) cannot describe RGB pixels: such an image is converted to
+    sRGB through its profile instead, and the profile dropped.
     """
     path = Path(path)
     im = _open(path, "image")
+    profile = im.info.get("icc_profile")
+    if profile and profile[16:20] != b"RGB ":
+        converted = _to_srgb(im, profile, path) if im.mode in ("L", "CMYK", "RGB") else None
+        if converted is not None:
+            return converted
+        im.info.pop("icc_profile", None)
     if im.mode == "RGB":
         return im
     if im.mode.startswith("I") or im.mode == "F":
@@ -63,6 +77,26 @@ def load_image(path: str | Path) -> Image.Image:
             f"image {path} has colour mode {im.mode}, which cannot be read as RGB ({e}); "
             "convert it to an RGB PNG or JPEG"
         ) from None
+
+
+def _to_srgb(im: Image.Image, profile: bytes, path: Path) -> Image.Image | None:
+    """``im`` converted from its embedded (non-RGB) profile to sRGB without a profile attached, or None
+    (with a warning) when the profile does not apply to it."""
+    import io
+
+    from PIL import ImageCms
+
+    space = profile[16:20].decode("latin-1").strip() or "unknown"
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+        srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+        converted = ImageCms.profileToProfile(im, source, srgb, outputMode="RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError) as error:
+        log.warning("image %s: its %s colour profile does not apply (%s); read as sRGB", path, space, error)
+        return None
+    log.info("image %s: converted from its embedded %s colour profile to sRGB", path, space)
+    converted.info.pop("icc_profile", None)
+    return converted
 
 
 def load_mask(
@@ -105,8 +139,12 @@ def save_png_atomic(
     path: str | Path,
     text: dict[str, str] | None = None,
     protected: Iterable[str | Path] = (),
+    icc_profile: bytes | None = None,
 ) -> Path:
     """Write ``image`` as a PNG at ``path`` with ``text`` as tEXt/zTXt/iTXt chunks, all or nothing.
+
+    ``icc_profile`` (the input's, from ``load_image``) is embedded, so the pixels copied from the input look
+    the same as in it.
 
     The PNG goes to a hidden temp file in the same directory and is renamed over ``path`` (atomic on one
     file system), so a crash or a full disk never leaves a half-written output; the temp file is removed on
@@ -138,7 +176,7 @@ def save_png_atomic(
         ) from None
     try:
         with os.fdopen(fd, "wb") as f:
-            pil.save(f, format="PNG", pnginfo=info)
+            pil.save(f, format="PNG", pnginfo=info, **({"icc_profile": icc_profile} if icc_profile else {}))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

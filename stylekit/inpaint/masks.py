@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,11 +55,16 @@ def grow(mask: np.ndarray, px: int) -> np.ndarray:
 
 
 def feather(mask: np.ndarray, px: int) -> np.ndarray:
-    """Float32 alpha that ramps up inward from the mask's edge over ``px`` pixels.
+    """Float32 alpha that ramps up inward from the mask's edge over ``px`` pixels, or over the local half-width
+    where the mask is thinner than that.
 
-    Exactly 0 outside the mask, so a feathered composite never reaches past it; exactly 1 where the nearest
-    outside pixel is more than ``px`` + 0.5 away (more than px from the edge, which lies half a pixel out).
-    The image border is not an edge. ``px`` = 0 gives the mask as 0/1.
+    Exactly 0 outside the mask, so a feathered composite never reaches past it. A pixel at depth d (distance
+    to the nearest outside pixel) gets (d - 0.5) / px where the mask is wide, and (d - 0.5) / max(t - 1.5,
+    0.5) where it is thin; t is the half-width of the thickest part of the mask within reach: the largest
+    whole r <= px + 1 such that some pixel at depth >= r lies within r - 1 of it (wide: t > px). So a wide
+    region gets the plain ramp (1 from more than px + 0.5 deep), and the centre line of a stroke thinner than
+    2 * px still reaches exactly 1: a 4 px wire is edited in full, not at 19%. The image border is not an
+    edge. ``px`` = 0 gives the mask as 0/1.
     """
     mask = np.asarray(mask, dtype=bool)
     px = int(px)
@@ -68,10 +74,45 @@ def feather(mask: np.ndarray, px: int) -> np.ndarray:
         return mask.astype(np.float32)
     x0, y0, x1, y1 = _pad_box(bbox(mask), 1, mask.shape)
     dist = _distance_to_outside(mask[y0:y1, x0:x1], cap=px + 1)
+    half = _half_width(dist, px + 1)
+    # Wide (a pixel px + 1 deep within px): the plain ramp. Thin: one and a half pixels less than the
+    # half-width, since the depths along a slanted stroke's centre line vary by up to a pixel.
+    ramp = np.where(half > px, px, np.clip(half - 1.5, 0.5, px))
     alpha = np.zeros(mask.shape, np.float32)
-    alpha[y0:y1, x0:x1] = np.clip((dist - 0.5) / px, 0.0, 1.0)
+    alpha[y0:y1, x0:x1] = np.clip((dist - 0.5) / ramp, 0.0, 1.0)
     alpha[~mask] = 0.0
     return alpha
+
+
+def _half_width(dist: np.ndarray, levels: int, tile: int = 256) -> np.ndarray:
+    """Per pixel, the largest r in 1..levels with a pixel at depth >= r within r - 1 of it (0 outside).
+
+    The top level (a wide region) is one dilation of the whole array; the pixels it misses (thin parts and
+    corners) are settled level by level in the tiles that hold them, so a large mask costs about one dilation.
+    """
+    width = np.zeros(dist.shape, np.float32)
+    todo = dist > 0
+    _settle(dist, width, todo, (0, 0, dist.shape[1], dist.shape[0]), levels, levels)
+    for y in range(0, dist.shape[0], tile):
+        for x in range(0, dist.shape[1], tile):
+            if todo[y : y + tile, x : x + tile].any():
+                _settle(dist, width, todo, (x, y, x + tile, y + tile), levels - 1, 1)
+    return width
+
+
+def _settle(dist: np.ndarray, width: np.ndarray, todo: np.ndarray, box: Box, top: int, bottom: int) -> None:
+    """Levels ``top`` down to ``bottom`` of ``_half_width`` for the undecided pixels in ``box``."""
+    x0, y0, x1, y1 = box
+    for r in range(top, bottom - 1, -1):
+        # Depths within r - 1 of the box decide its pixels at level r.
+        px0, py0, px1, py1 = _pad_box(box, r - 1, dist.shape)
+        deep = dist[py0:py1, px0:px1] >= r
+        if not deep.any():
+            continue
+        reached = (_dilate(deep, r - 1) if r > 1 else deep)[y0 - py0 : y1 - py0, x0 - px0 : x1 - px0]
+        reached &= todo[y0:y1, x0:x1]
+        width[y0:y1, x0:x1][reached] = r
+        todo[y0:y1, x0:x1] &= ~reached
 
 
 def bbox(mask: np.ndarray, source: str | Path | None = None) -> Box:
@@ -159,6 +200,11 @@ def native_size(crop_w: int, crop_h: int, target_area: int, multiple: int) -> Si
     return _round_to(crop_w * scale, multiple), _round_to(crop_h * scale, multiple)
 
 
+def min_crop_side(target_area: int, max_upscale: float) -> int:
+    """The smallest crop side that ``target_area`` pixels enlarge by at most ``max_upscale`` per side."""
+    return math.ceil(math.sqrt(target_area) / max_upscale)
+
+
 @dataclass(frozen=True)
 class CropPlan:
     """Where the edit happens: ``box`` in the full image, and the ``native_size`` the model sees it at."""
@@ -181,13 +227,36 @@ def plan_crop(
     source: str | Path | None = None,
     min_side: int = 0,
     max_aspect: float = 4.0,
+    size_rule: Callable[[int, int], Size] | None = None,
 ) -> CropPlan:
-    """``crop_box`` around a binary full-image mask plus its ``native_size``; ``source`` names the mask file."""
+    """``crop_box`` around a binary full-image mask plus its ``native_size``; ``source`` names the mask file.
+
+    ``size_rule(crop_w, crop_h)`` replaces ``native_size`` for families whose pipelines insist on their own
+    sizes (``ModelFamily.native_size``).
+    """
     height, width = mask.shape
     box = crop_box(
         bbox(mask, source), (width, height), context, multiple, min_side=min_side, max_aspect=max_aspect
     )
-    return CropPlan(box, native_size(box[2] - box[0], box[3] - box[1], target_area, multiple))
+    crop_w, crop_h = box[2] - box[0], box[3] - box[1]
+    size = size_rule(crop_w, crop_h) if size_rule else native_size(crop_w, crop_h, target_area, multiple)
+    return CropPlan(box, size)
+
+
+def cover_cells(mask: np.ndarray, cell: int) -> np.ndarray:
+    """The bool mask grown to whole ``cell`` x ``cell`` blocks (from the top-left): a block is on when any of
+    its pixels is.
+
+    Pipelines shrink the mask to latent cells by nearest sampling, which can miss a thin stroke entirely or
+    shift a box edge by up to ``cell`` - 1 px; given whole blocks, any sample of a block is the max-pool.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    height, width = mask.shape
+    rows, cols = -(-height // cell), -(-width // cell)
+    padded = np.zeros((rows * cell, cols * cell), bool)
+    padded[:height, :width] = mask
+    blocks = padded.reshape(rows, cell, cols, cell).any(axis=(1, 3))
+    return np.repeat(np.repeat(blocks, cell, axis=0), cell, axis=1)[:height, :width]
 
 
 def crop_array(array: np.ndarray, box: Box) -> np.ndarray:

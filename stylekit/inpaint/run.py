@@ -34,10 +34,12 @@ from stylekit.inpaint.masks import (
     CropPlan,
     binarize,
     composite,
+    cover_cells,
     crop_array,
     feather,
     from_model,
     grow,
+    min_crop_side,
     parse_context,
     plan_crop,
     to_model,
@@ -87,6 +89,7 @@ class Options:
     feather: int
     resize: bool
     context: float | str
+    max_upscale: float
     pre_names: list[str]
     post_names: list[str]
     pre_steps: list[tuple[str, PreStep]] = field(default_factory=list)
@@ -116,6 +119,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             pipe = load_pipeline(family, cfg.model)
         # The pipeline's execution device walks every module's hooks: ask once per run, not per image.
         device = getattr(pipe, "_execution_device", None) or pipe.device
+        _warn_if_pre_steps_are_unseen(family, pipe, opts)
         with _loras_applied(pipe, opts.loras, family), Saver() as saver:
             for job in jobs:
                 written += edit_job(job, Editor(family, pipe, device, saver), opts)
@@ -214,6 +218,9 @@ def read_options(cfg: DictConfig, problems: list[str]) -> Options:
         feather=_number(problems, "inpaint.mask.feather", mask_cfg.get("feather", 0), int),
         resize=bool(mask_cfg.get("resize", False)),
         context=0.5 if context is None else context,
+        max_upscale=_number(
+            problems, "inpaint.max_upscale", _or(_value(cfg, "inpaint.max_upscale"), 4.0), float
+        ),
         pre_names=list(_value(cfg, "inpaint.preprocess") or []),
         post_names=list(_value(cfg, "inpaint.postprocess") or []),
         save_comparison=bool(_value(cfg, "save_comparison")),
@@ -225,9 +232,17 @@ def read_options(cfg: DictConfig, problems: list[str]) -> Options:
     _record(problems, lambda: binarize(np.zeros((1, 1)), opts.threshold))
     _record(problems, lambda: feather(np.zeros((1, 1), bool), opts.feather))
     _record(problems, lambda: parse_context(opts.context))
+    if not opts.max_upscale >= 1.0:
+        problems.append(
+            f"inpaint.max_upscale={opts.max_upscale} must be >= 1 (how much a small crop may be enlarged)"
+        )
     opts.seeds = _record(problems, lambda: _seeds(cfg)) or []
     _record(problems, lambda: _check_settings(opts.settings))
     return opts
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
 
 
 def _number(problems: list[str], key: str, value: Any, kind: type) -> Any:
@@ -296,8 +311,13 @@ def _check_settings(settings: dict[str, Any]) -> None:
     steps, strength = settings["num_inference_steps"], settings["strength"]
     if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
         raise UsageError(f"num_inference_steps={steps} must be a whole number >= 1")
-    if not isinstance(strength, int | float) or isinstance(strength, bool) or not 0.0 < strength <= 1.0:
-        raise UsageError(f"strength={strength} must be in (0, 1]; 1.0 repaints the masked region fully")
+    if strength is not None and (
+        not isinstance(strength, int | float) or isinstance(strength, bool) or not 0.0 < strength <= 1.0
+    ):
+        raise UsageError(
+            f"strength={strength} must be in (0, 1] (or null for the model's default); "
+            "1.0 repaints the masked region fully"
+        )
     for key in ("guidance_scale", "true_cfg_scale"):
         value = settings[key]
         if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)):
@@ -364,8 +384,21 @@ def _claim(
 def _check_pair(job: Job, opts: Options, family: ModelFamily) -> None:
     """Decode both files and plan the crop, so size mismatches and empty masks stop the run here."""
     image = load_image(job.image)
-    binary = job_mask(job, image.size, opts)
-    plan_crop(binary, opts.context, family.native_area, family.resolution_multiple, source=job.mask)
+    plan_job(job_mask(job, image.size, opts), opts, family, job.mask)
+
+
+def plan_job(binary: np.ndarray, opts: Options, family: ModelFamily, source: Path) -> CropPlan:
+    """The crop around the mask, at least big enough that the model's size enlarges it at most
+    ``inpaint.max_upscale`` times (a 10 px mask is not blown up 50x), edited at the family's native size."""
+    return plan_crop(
+        binary,
+        opts.context,
+        family.native_area,
+        family.resolution_multiple,
+        source=source,
+        min_side=min_crop_side(family.native_area, opts.max_upscale),
+        size_rule=family.native_size,
+    )
 
 
 def job_mask(job: Job, size: tuple[int, int], opts: Options) -> np.ndarray:
@@ -474,24 +507,28 @@ class Editor:
 def edit_job(job: Job, editor: Editor, opts: Options) -> list[Path]:
     """Every output of one pair: mask ops and pre steps once, then one model call per seed."""
     family = editor.family
-    original = np.asarray(load_image(job.image))
+    image = load_image(job.image)
+    profile = image.info.get("icc_profile")
+    original = np.asarray(image)
     binary = job_mask(job, (original.shape[1], original.shape[0]), opts)
-    plan = plan_crop(binary, opts.context, family.native_area, family.resolution_multiple, source=job.mask)
+    crop = plan_job(binary, opts, family, job.mask)
     alpha = feather(binary, opts.feather)
-    ctx = StepContext(image=crop_array(original, plan.box), mask=crop_array(binary, plan.box))
+    ctx = StepContext(image=crop_array(original, crop.box), mask=crop_array(binary, crop.box))
     run_pre_steps(ctx, opts.pre_steps)
-    model_image = Image.fromarray(to_model(ctx.image, plan, cropped=True))
-    model_mask = Image.fromarray(to_model(ctx.mask, plan, cropped=True).astype(np.uint8) * 255)
+    model_image = Image.fromarray(to_model(ctx.image, crop, cropped=True))
+    # Whole latent cells: the pipelines shrink the mask by nearest sampling, which would miss thin strokes.
+    cells = cover_cells(to_model(ctx.mask, crop, cropped=True), _latent_cell(editor.pipe))
+    model_mask = Image.fromarray(cells.astype(np.uint8) * 255)
     written = []
     for seed, path in job.outputs:
         started = time.perf_counter()
-        with _oom_as_usage_error(f"editing {job.image.name} at {plan.native_size[0]}x{plan.native_size[1]}"):
+        with _oom_as_usage_error(f"editing {job.image.name} at {crop.native_size[0]}x{crop.native_size[1]}"):
             generated = _generate(editor, model_image, model_mask, opts, seed)
-        region = run_post_steps(ctx, from_model(generated, plan), opts.post_steps)
-        result = composite(original, region, alpha, plan.box)
-        text = metadata(job, family, opts, seed, plan)
+        region = run_post_steps(ctx, from_model(generated, crop), opts.post_steps)
+        result = composite(original, region, alpha, crop.box)
+        text = metadata(job, family, opts, seed, crop)
         editor.saver.submit(
-            _save, job, path, seed, original, result, text, opts, time.perf_counter() - started
+            _save, job, path, seed, original, result, text, opts, time.perf_counter() - started, profile
         )
         written.append(path)
     return written
@@ -506,16 +543,24 @@ def _save(
     text: dict,
     opts: Options,
     took: float,
+    profile: bytes | None = None,
 ) -> None:
     # prepare() checked every output against every input; re-checking just this pair's files keeps a batch
     # linear (checking all inputs at every save is quadratic).
     protected = (job.image, job.mask)
-    save_png_atomic(result, path, text=text, protected=protected)
+    save_png_atomic(result, path, text=text, protected=protected, icc_profile=profile)
     if opts.save_comparison:
         tag = seed if len(opts.seeds) > 1 else None
         side = output_path(opts.output_dir, job.image.stem, tag, suffix="comparison")
-        save_png_atomic(side_by_side(original, result), side, text=text, protected=protected)
+        save_png_atomic(
+            side_by_side(original, result), side, text=text, protected=protected, icc_profile=profile
+        )
     log.info("%s -> %s (seed %d, %.2fs)", job.image, path, seed, took)
+
+
+def _latent_cell(pipe: Any) -> int:
+    """Pixels per latent cell side: the VAE's downsampling (8 for every family stylekit has)."""
+    return int(getattr(pipe, "vae_scale_factor", 8))
 
 
 def _generate(editor: Editor, image: Image.Image, mask: Image.Image, opts: Options, seed: int) -> np.ndarray:
@@ -523,15 +568,31 @@ def _generate(editor: Editor, image: Image.Image, mask: Image.Image, opts: Optio
 
     generator = torch.Generator(editor.device).manual_seed(seed)
     settings = effective_settings(editor.family, opts.settings)
-    out = editor.family.edit(editor.pipe, image, mask, opts.prompt, settings, generator).convert("RGB")
+    # The whole edit, also the work families do outside the pipeline's own no_grad (Qwen's VAE encode of the
+    # original), keeps no autograd graph: at 1024 px that graph alone is ~14 GiB.
+    with torch.inference_mode():
+        out = editor.family.edit(editor.pipe, image, mask, opts.prompt, settings, generator)
+    out = out.convert("RGB")
     if out.size != image.size:
         raise RuntimeError(f"{type(editor.family).__name__}.edit returned {out.size}, expected {image.size}")
     return np.asarray(out)
 
 
+def _warn_if_pre_steps_are_unseen(family: ModelFamily, pipe: Any, opts: Options) -> None:
+    """Pre steps change the pixels under the mask; say so when this pipeline never looks at them."""
+    strength = effective_settings(family, opts.settings)["strength"]
+    if opts.pre_names and not family.masked_pixels_reach_model(pipe, float(strength)):
+        log.warning(
+            "inpaint.preprocess=%s has no effect on %s/%s at strength %g: it regenerates the masked region "
+            "from noise without seeing it; lower strength (e.g. 0.9) or use qwen_edit, whose condition "
+            "image shows it",
+            opts.pre_names, family.family, family.pipeline, strength,
+        )  # fmt: skip
+
+
 def effective_settings(family: ModelFamily, settings: dict[str, Any]) -> dict[str, Any]:
     """The run's sampling settings, the family's published defaults filling what is left null."""
-    defaults = family.inference_defaults()
+    defaults = {"strength": 1.0} | {k: v for k, v in family.inference_defaults().items() if v is not None}
     return {key: settings[key] if settings[key] is not None else defaults.get(key) for key in SETTING_KEYS}
 
 

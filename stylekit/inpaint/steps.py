@@ -260,6 +260,8 @@ def delta_e_2000(lab1: np.ndarray, lab2: np.ndarray) -> np.ndarray:
 REVERT_SAME_L = 4.0
 REVERT_CHANGED_L = 12.0
 REVERT_WINDOW_RADIUS = 3
+# revert_grayscale: a changed pixel takes the mean a*/b* of the source pixels within this many L* of its own.
+REVERT_L_WINDOW = 2.0
 # color_match: ring width as a fraction of the mask box's longer side, and its floor in pixels.
 RING_FRACTION = 0.05
 RING_MIN_PX = 4
@@ -281,8 +283,9 @@ def revert_grayscale(ctx: StepContext, generated: np.ndarray) -> np.ndarray:
 
     Where the generated L* matches what the model was given (locally averaged, see REVERT_*), the structure is
     unchanged: the source's a*/b* return, and its L* too, less the generated deviation. Where it changed, a*/b*
-    come from the source region's statistics: the linear fit of a*/b* on L* (means, covariance), held within
-    two standard deviations of the mean. Between the two thresholds the results are mixed linearly.
+    come from the source region's own colours at that lightness (``_ab_by_lightness``): a red stripe moved
+    over white comes back red and white, never the pink a blend of the two would invent. Between the two
+    thresholds the results are mixed linearly.
     """
     notes = ctx.state.get("grayscale")
     if notes is None:
@@ -297,7 +300,7 @@ def revert_grayscale(ctx: StepContext, generated: np.ndarray) -> np.ndarray:
     diff = np.abs(_masked_box_mean(gen[..., 0] - notes["input_l"], ctx.mask, 1))
     local = _masked_box_mean(diff, ctx.mask, REVERT_WINDOW_RADIUS)
     same = np.clip((REVERT_CHANGED_L - local) / (REVERT_CHANGED_L - REVERT_SAME_L), 0.0, 1.0)[..., None]
-    fitted = _fit_ab_on_l(source, ctx.mask, gen[..., 0])
+    fitted = _ab_by_lightness(source, ctx.mask, gen[..., 0])
     out = np.empty_like(gen)
     out[..., 0] = gen[..., 0] + same[..., 0] * (source[..., 0] - notes["input_l"])
     out[..., 1:] = same * source[..., 1:] + (1 - same) * fitted
@@ -331,16 +334,25 @@ def color_match(ctx: StepContext, generated: np.ndarray) -> np.ndarray:
     return out
 
 
-def _fit_ab_on_l(source: np.ndarray, mask: np.ndarray, lightness: np.ndarray) -> np.ndarray:
-    """a*/b* predicted from L* by a least-squares line over the source's masked pixels, within 2 std."""
+def _ab_by_lightness(source: np.ndarray, mask: np.ndarray, lightness: np.ndarray) -> np.ndarray:
+    """For each L* in ``lightness``, the mean a*/b* of the source's masked pixels within REVERT_L_WINDOW of it
+    in L*, or of the source pixel nearest in L* where none is that close."""
     l_src, ab = source[..., 0][mask], source[..., 1:][mask]
     if l_src.size == 0:
         return np.zeros(lightness.shape + (2,))
-    l_mean, ab_mean, ab_std = l_src.mean(), ab.mean(axis=0), ab.std(axis=0)
-    l_var = l_src.var()
-    slope = ((l_src - l_mean)[:, None] * (ab - ab_mean)).mean(axis=0) / l_var if l_var > 1e-9 else 0.0
-    fitted = ab_mean + slope * (lightness - l_mean)[..., None]
-    return np.clip(fitted, ab_mean - 2 * ab_std, ab_mean + 2 * ab_std)
+    order = np.argsort(l_src, kind="stable")
+    l_sorted, ab_sorted = l_src[order], ab[order]
+    summed = np.concatenate([np.zeros((1, 2)), np.cumsum(ab_sorted, axis=0)])
+    query = lightness.ravel()
+    lo = np.searchsorted(l_sorted, query - REVERT_L_WINDOW, side="left")
+    hi = np.searchsorted(l_sorted, query + REVERT_L_WINDOW, side="right")
+    after = np.clip(np.searchsorted(l_sorted, query), 0, l_sorted.size - 1)
+    before = np.maximum(after - 1, 0)
+    nearest = np.where(np.abs(l_sorted[before] - query) <= np.abs(l_sorted[after] - query), before, after)
+    empty = hi <= lo
+    lo, hi = np.where(empty, nearest, lo), np.where(empty, nearest + 1, hi)
+    mean = (summed[hi] - summed[lo]) / (hi - lo)[:, None]
+    return mean.reshape(lightness.shape + (2,))
 
 
 def _masked_box_mean(values: np.ndarray, mask: np.ndarray, radius: int) -> np.ndarray:

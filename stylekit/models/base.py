@@ -172,6 +172,8 @@ class ModelFamily:
     train_multiple: ClassVar[int | None] = None
     # trainer.gradient_checkpointing=auto: on where a real model at its native resolution needs it to fit.
     gradient_checkpointing_default: ClassVar[bool] = False
+    # Families whose published weights overflow in float16 (black or NaN images): model.dtype=fp16 warns.
+    fp16_overflows: ClassVar[bool] = False
 
     pretrained: str
     inpaint_pretrained: str | None = None
@@ -215,8 +217,11 @@ class ModelFamily:
 
     def source(self, task: str = "train") -> str:
         """The hub id or folder for `task` ("train" or "inpaint"), tiny models materialized."""
-        chosen = self.inpaint_pretrained if task == "inpaint" and self.inpaint_pretrained else self.pretrained
-        return resolve_source(chosen)
+        return resolve_source(self.inpaint_id() if task == "inpaint" else self.pretrained)
+
+    def inpaint_id(self) -> str:
+        """The hub id (or tiny:/folder name) of the weights edits run on, as configured."""
+        return self.inpaint_pretrained or self.pretrained
 
     def pipeline_class_name(self, task: str = "train") -> str:
         return self.train_pipeline_class if task == "train" else self.inpaint_pipeline_classes[self.pipeline]
@@ -224,6 +229,18 @@ class ModelFamily:
     def inference_defaults(self) -> dict[str, Any]:
         """The model authors' published sampling settings for the chosen pipeline (yaml values win)."""
         return dict(self.inference)
+
+    def native_size(self, crop_w: int, crop_h: int) -> tuple[int, int]:
+        """The (width, height) a crop is edited at: its aspect at about `native_area` pixels, in the family's
+        multiples. Families whose pipelines recompute the size themselves return a size their rule keeps."""
+        from stylekit.inpaint.masks import native_size
+
+        return native_size(crop_w, crop_h, self.native_area, self.resolution_multiple)
+
+    def masked_pixels_reach_model(self, pipe: DiffusionPipeline, strength: float) -> bool:
+        """Whether the pipeline sees the pixels under the mask (so a pre step on them matters). Pipelines that
+        start the masked region from pure noise at strength 1 and get no other view of it override this."""
+        return True
 
     def call_context(self, pipe: DiffusionPipeline) -> AbstractContextManager[None]:
         """Wraps every pipeline call; families whose pipelines need run-time adjustments override it."""
@@ -245,7 +262,13 @@ class ModelFamily:
 
     # ---- loading ------------------------------------------------------------------------------------------
     def runtime(self, device: str | None = None) -> Runtime:
-        return resolve_runtime(self.dtype, device or self.device)
+        runtime = resolve_runtime(self.dtype, device or self.device)
+        if self.fp16_overflows and self.dtype == "fp16":
+            log.warning(
+                "model.dtype=fp16 with %s: its activations overflow float16 and give black or NaN images; "
+                "use model.dtype=bf16 (or auto)", self.family,
+            )  # fmt: skip
+        return runtime
 
     def check_runnable(self, task: str = "train") -> None:
         """Stop in one line, before any download, when the model cannot run here or cannot be fetched."""
@@ -409,6 +432,6 @@ class ModelFamily:
         return {
             "family": self.family,
             "pretrained": self.pretrained,
-            "inpaint_pretrained": self.inpaint_pretrained or self.pretrained,
+            "inpaint_pretrained": self.inpaint_id(),
             "pipeline": self.pipeline,
         }

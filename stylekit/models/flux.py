@@ -13,6 +13,11 @@ if TYPE_CHECKING:
 
 # Published guidance per pipeline: Fill-dev is distilled for guidance 30, dev for 3.5.
 _GUIDANCE = {"fill": 30.0, "inpaint": 3.5}
+# Denoising strength per pipeline. Fill-dev conditions on the unmasked pixels and regenerates the hole from
+# noise (1.0). FLUX.1-dev through FluxInpaintPipeline only sees what is under the mask through its start
+# latents: at 1.0 it ignores it and paints something unrelated, diffusers' own default (0.6) barely changes
+# it; 0.9 keeps the layout under the mask and still lets the prompt redraw it.
+_STRENGTH = {"fill": 1.0, "inpaint": 0.9}
 
 
 @dataclass
@@ -31,6 +36,7 @@ class FluxFamily(ModelFamily):
     comfyui_prefix: ClassVar[str] = "lora_transformer_"
     # 12 B parameters at 4096 image tokens: activations alone exceed a 40 GB card without it.
     gradient_checkpointing_default: ClassVar[bool] = True
+    fp16_overflows: ClassVar[bool] = True
     default_lora_targets: ClassVar[tuple[str, ...]] = (
         *JOINT_ATTENTION_TARGETS,
         "ff.net.0.proj",
@@ -43,17 +49,22 @@ class FluxFamily(ModelFamily):
     # T5 tokens per caption (FLUX.1-dev was trained with 512).
     max_sequence_length: int = 512
 
-    def source(self, task: str = "train") -> str:
+    def inpaint_id(self) -> str:
         # FluxInpaintPipeline runs on the base model, where a LoRA trained on FLUX.1-dev applies as is.
-        if task == "inpaint" and self.pipeline == "inpaint":
-            return super().source("train")
-        return super().source(task)
+        return self.pretrained if self.pipeline == "inpaint" else super().inpaint_id()
 
     def inference_defaults(self) -> dict[str, Any]:
         defaults = super().inference_defaults()
         if defaults.get("guidance_scale") is None:
             defaults["guidance_scale"] = _GUIDANCE[self.pipeline]
+        if defaults.get("strength") is None:
+            defaults["strength"] = _STRENGTH[self.pipeline]
         return defaults
+
+    def masked_pixels_reach_model(self, pipe: Any, strength: float) -> bool:
+        # Fill zeroes the masked pixels of its condition image; both pipelines see them only through their
+        # start latents, which at strength 1 are pure noise.
+        return strength < 1.0
 
     # ---- training ---------------------------------------------------------------------------------------
     def encode_prompt(self, pipe: Any, caption: str, control: Any = None) -> dict[str, torch.Tensor]:

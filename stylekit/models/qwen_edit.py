@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 from collections.abc import Iterator
@@ -23,6 +24,45 @@ MODEL_VL_CONDITION_AREA = 384 * 384
 
 # The pipelines read those areas from a module-level function at call time; swapping it is process-wide.
 _AREA_LOCK = threading.Lock()
+# Side granularity of the pipelines' size rule (`calculate_dimensions` rounds to it).
+SIZE_MULTIPLE = 32
+
+
+def pipeline_size(target_area: float, ratio: float) -> tuple[int, int]:
+    """The size diffusers' Qwen-Image-Edit pipelines resize an image of aspect `ratio` to: their private
+    `calculate_dimensions` (sides of about sqrt(area * ratio), rounded to 32). Kept here so planning a crop
+    needs no diffusers import; tests/unit/test_edit_sizes.py checks it still matches diffusers'."""
+    width = math.sqrt(target_area * ratio)
+    height = width / ratio
+    return round(width / SIZE_MULTIPLE) * SIZE_MULTIPLE, round(height / SIZE_MULTIPLE) * SIZE_MULTIPLE
+
+
+def fixed_point_size(crop_w: int, crop_h: int, target_area: int) -> tuple[int, int]:
+    """A (width, height) near the crop's aspect at about `target_area` pixels that the pipelines' size rule
+    maps to itself.
+
+    The edit-inpaint (v1) pipeline ignores the size it is given and generates at `pipeline_size` of its input's
+    aspect; edit-plus resizes its condition image the same way. Rounding both sides to 32 does not always
+    survive that second rounding (a 928x1344 crop plans 864x1248, which the rule turns into 864x1216), so
+    among the sizes within three steps of the first guess this takes the fixed point closest in aspect, then
+    in area.
+    """
+    ratio = crop_w / crop_h
+    first_w, first_h = (max(side, SIZE_MULTIPLE) for side in pipeline_size(target_area, ratio))
+    best: tuple[tuple[float, float], tuple[int, int]] | None = None
+    for dw in range(-3, 4):
+        for dh in range(-3, 4):
+            width, height = first_w + dw * SIZE_MULTIPLE, first_h + dh * SIZE_MULTIPLE
+            if min(width, height) < SIZE_MULTIPLE:
+                continue
+            if pipeline_size(target_area, width / height) != (width, height):
+                continue
+            key = (abs(math.log(width / height / ratio)), abs(math.log(width * height / target_area)))
+            if best is None or key < best[0]:
+                best = (key, (width, height))
+    if best is None:  # only for strips beyond the 4:1 aspect crop_box holds crops to
+        return first_w, first_h
+    return best[1]
 
 
 @contextmanager
@@ -64,6 +104,7 @@ class QwenEditFamily(ModelFamily):
         "txt_mlp.net.0.proj",
         "txt_mlp.net.2",
     )
+    fp16_overflows: ClassVar[bool] = True
 
     # 20 B parameters and ~8k image tokens (target + control): no 80 GB card fits its activations without it.
     gradient_checkpointing_default: ClassVar[bool] = True
@@ -79,6 +120,11 @@ class QwenEditFamily(ModelFamily):
 
     def call_context(self, pipe: DiffusionPipeline) -> AbstractContextManager[None]:
         return condition_areas(pipe, self.condition_area, self.vl_condition_area)
+
+    def native_size(self, crop_w: int, crop_h: int) -> tuple[int, int]:
+        """Edits run at a fixed point of the pipelines' own size rule at `condition_area` (see
+        `fixed_point_size`): v1 generates at that size whatever it is asked, and edit-plus conditions on it."""
+        return fixed_point_size(crop_w, crop_h, self.condition_area)
 
     # ---- training: target image + control (source) image + instruction ---------------------------------
     needs_control: ClassVar[bool] = True
@@ -271,10 +317,15 @@ class MaskHold:
 
 def _encode(pipe: Any, image: Any, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """The image preprocessed and VAE-encoded exactly as the pipeline does it: (b, c, frames, h, w) each."""
+    import torch
+
     width, height = image.size
-    pixels = pipe.image_processor.preprocess(image, height, width).unsqueeze(2)
-    pixels = pixels.to(device, pipe.text_encoder.dtype)  # the pipeline's latent dtype
-    return pixels, pipe._encode_vae_image(pixels, generator=None)
+    # Outside the pipeline's no_grad: without this the VAE's weights make the encode record a graph that
+    # the held latents keep alive for the whole call (~0.9 GiB at 256 px on the real VAE, ~14 GiB at 1024).
+    with torch.inference_mode():
+        pixels = pipe.image_processor.preprocess(image, height, width).unsqueeze(2)
+        pixels = pixels.to(device, pipe.text_encoder.dtype)  # the pipeline's latent dtype
+        return pixels, pipe._encode_vae_image(pixels, generator=None)
 
 
 def _packed(

@@ -165,6 +165,11 @@ class SDXLFamily(ModelFamily):
         return _decode(pipe, latents)
 
     # ---- inpainting -------------------------------------------------------------------------------------
+    def masked_pixels_reach_model(self, pipe: Any, strength: float) -> bool:
+        # Both UNets start from pure noise at strength 1, and the 9-channel one's masked-image input has the
+        # masked pixels zeroed: only the start latents (strength < 1) carry them.
+        return strength < 1.0
+
     def edit(self, pipe: Any, image: Any, mask: Any, prompt: str, settings: dict[str, Any], generator: Any):
         """Regenerate the white region of `mask` in `image` (both at a multiple of 8 px) with
         StableDiffusionXLInpaintPipeline (base weights, or the 9-channel inpainting UNet)."""

@@ -122,6 +122,7 @@ class Container:
     workdir: str  # the container's cwd, on the outputs volume (relative paths in the config land there)
     project_dir: str  # conf/ and scripts/ in the image
     outputs_volume: str  # committed after the job so the caller can read the results at once
+    gpus: int = 0  # GPUs the job asked for: it stops at once when torch cannot use them
 
 
 @dataclass
@@ -133,6 +134,8 @@ class Payload:
     task: TaskRef
     project_dir: str = "."
     container: Container | None = None
+    # More than one: the job runs as that many processes (DDP) with one run dir; rank 0's result comes back.
+    processes: int = 1
 
 
 @dataclass
@@ -162,6 +165,11 @@ def run(payload: Payload) -> JobResult:
     previous, cwd = Singleton.get_state(), os.getcwd()
     try:
         Singleton.set_state(payload.singleton_state)
+        if payload.container is not None and payload.container.gpus:
+            check_gpu(payload.container.gpus)
+        if payload.processes > 1:
+            with _container(payload.container):
+                return run_ranks(payload)
         task = payload.task.load(payload.project_dir)
         with _container(payload.container):
             ret = run_job(
@@ -190,8 +198,26 @@ def _container(container: Container | None) -> Iterator[None]:
     try:
         yield
     finally:
+        # Modal refuses to commit a volume with open files in it ("open files preventing the operation"): the
+        # working directory and the job's log file count. Step out and close the log first.
+        os.chdir("/")
+        close_file_logs(container.workdir)
         # Modal also commits in the background and at exit; this makes the run dir readable right now.
         _commit(container.outputs_volume)
+
+
+def close_file_logs(root: str) -> None:
+    """Close and detach every logging file handler writing under ``root`` (Hydra's ``<job>.log``)."""
+    import logging
+
+    base = Path(root).resolve()
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:
+        for handler in list(getattr(logger, "handlers", [])):
+            filename = getattr(handler, "baseFilename", None)
+            if filename and Path(filename).resolve().is_relative_to(base):
+                handler.close()
+                logger.removeHandler(handler)
 
 
 def _commit(volume_name: str) -> None:
@@ -201,6 +227,162 @@ def _commit(volume_name: str) -> None:
         modal.Volume.from_name(volume_name).commit()
     except Exception:  # the job's own result matters more than a failed commit
         log.exception("Could not commit volume %s", volume_name)
+
+
+# ---- GPUs -------------------------------------------------------------------------------------------------
+
+
+class GpuUnusableError(RuntimeError):
+    """The container has (or was promised) a GPU that torch cannot use."""
+
+
+def check_gpu(count: int) -> None:
+    """Stop in the first seconds when torch cannot use ``count`` GPUs, instead of training on the CPU for hours
+    of GPU billing. The usual cause: a driver older than the CUDA build of torch that uv.lock pins."""
+    import torch
+
+    usable = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if usable >= count:
+        return
+    raise GpuUnusableError(
+        f"this job asked for {count} GPU(s) but torch can use {usable}: torch {torch.__version__} is built for "
+        f"CUDA {torch.version.cuda}, and the container's driver is {driver_summary()}. Stopping now rather "
+        "than running on the CPU. Pick another GPU type (hydra.launcher.gpu) or lock a torch built for this "
+        "driver's CUDA version."
+    )
+
+
+def driver_summary() -> str:
+    """``nvidia-smi``'s driver version and the newest CUDA it supports, in words."""
+    import re
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as error:
+        return f"unknown (nvidia-smi did not run: {error})"
+    driver = re.search(r"Driver Version:\s*([\w.]+)", out)
+    cuda = re.search(r"CUDA Version:\s*([\w.]+)", out)
+    if driver is None:
+        return "unknown (nvidia-smi printed no driver version)"
+    return f"{driver[1]} (supports CUDA up to {cuda[1] if cuda else 'unknown'})"
+
+
+def gpu_probe() -> dict[str, Any]:
+    """What a GPU container sees: nvidia-smi's driver, torch's CUDA build, and whether torch can use the GPU."""
+    import torch
+
+    available = torch.cuda.is_available()
+    return {
+        "cuda_available": available,
+        "device": torch.cuda.get_device_name(0) if available else None,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "driver": driver_summary(),
+    }
+
+
+# ---- one job, several processes ---------------------------------------------------------------------------
+
+RANKS_MODULE = "stylekit.remote.ranks"
+
+
+def rank_command(processes: int, gpus: int) -> list[str]:
+    """How the job's processes start: ``accelerate launch`` on GPUs; torch's launcher with gloo on CPUs
+    (accelerate's multi-CPU path needs MPI)."""
+    if gpus:
+        return [
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={processes}",
+            "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "--module", RANKS_MODULE,
+        ]  # fmt: skip
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+        "--module", RANKS_MODULE,
+    ]  # fmt: skip
+
+
+def run_ranks(payload: Payload) -> JobResult:
+    """Run the job as ``payload.processes`` processes in this cwd; rank 0's result is the job's."""
+    import dataclasses
+    import subprocess
+
+    gpus = payload.container.gpus if payload.container is not None else _local_gpus(payload.processes)
+    single = dataclasses.replace(payload, processes=1, container=None)
+    with tempfile.TemporaryDirectory(prefix="stylekit-ranks-") as tmp:
+        payload_file, result_file = Path(tmp, "payload.pkl"), Path(tmp, "result.pkl")
+        payload_file.write_bytes(dumps(single))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        command = [*rank_command(payload.processes, gpus), str(payload_file), str(result_file)]
+        log.info("Job %d: %d processes: %s", payload.index, payload.processes, shlex.join(command))
+        code = subprocess.run(command, env=env).returncode
+        if result_file.is_file():
+            return loads(result_file.read_bytes())
+    return JobResult(
+        payload.index,
+        JobStatus.FAILED,
+        error=f"the job's {payload.processes} processes exited with code {code} before rank 0 reported a "
+        "result; their output is in the log above",
+    )
+
+
+def _local_gpus(processes: int) -> int:
+    """backend=local: one GPU per process when this machine has enough, else CPU processes."""
+    import torch
+
+    return processes if torch.cuda.is_available() and torch.cuda.device_count() >= processes else 0
+
+
+def quiet_rank_config(config: DictConfig) -> DictConfig:
+    """Rank > 0's copy: no ``.hydra/`` files and no log file, which rank 0 writes for the job."""
+    import copy
+
+    from omegaconf import open_dict, read_write
+
+    config = copy.deepcopy(config)
+    with read_write(config.hydra), open_dict(config.hydra):
+        config.hydra.output_subdir = None
+        logging_cfg = config.hydra.get("job_logging") or {}
+        handlers = logging_cfg.get("handlers") or {}
+        files = [name for name, h in handlers.items() if "FileHandler" in str(h.get("class", ""))]
+        for name in files:
+            del handlers[name]
+        root = logging_cfg.get("root")
+        if root is not None and root.get("handlers"):
+            root.handlers = [h for h in root.handlers if h not in files]
+    return config
+
+
+# ---- models, downloaded once per account ------------------------------------------------------------------
+
+PREFETCHED_DIR = "stylekit/prefetched"
+
+
+def prefetch_marker(repo: str, revision: str | None) -> str:
+    """Where (relative to the HF cache volume) a finished download of ``repo@revision`` is recorded."""
+    return f"{PREFETCHED_DIR}/{repo.replace('/', '--')}@{revision or 'main'}.json"
+
+
+def prefetch_models(requests: list[dict[str, Any]], cache_root: str, volume_name: str) -> list[str]:
+    """Download each pipeline (``repo``, ``revision``, ``variant``) into the HF cache and commit the volume.
+
+    Runs once per launch on a CPU container before the GPU jobs start, so parallel jobs read one copy instead
+    of each downloading its own (every container writes its own view of the volume).
+    """
+    import json
+
+    from diffusers import DiffusionPipeline
+
+    done = []
+    for request in requests:
+        repo, revision = request["repo"], request.get("revision")
+        log.info("Downloading %s@%s into the model cache", repo, revision or "main")
+        DiffusionPipeline.download(repo, revision=revision, variant=request.get("variant"))
+        marker = Path(cache_root, prefetch_marker(repo, revision))
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps(request))
+        done.append(repo)
+    _commit(volume_name)
+    return done
 
 
 def _result(index: int, ret: JobReturn) -> JobResult:

@@ -142,3 +142,15 @@ def test_doctor_tells_which_families_fit() -> None:
     assert fits(0) == {"flux": [], "sdxl": [], "qwen_edit": []}
     assert "train nf4" in fits(24)["flux"] and "train bf16" not in fits(24)["flux"]
     assert "inpaint bf16" in fits(80)["qwen_edit"]
+
+
+def test_edit_runs_50_steps_unless_told_otherwise(captured: list, tmp_path: Path) -> None:
+    image, mask = tmp_path / "a.png", tmp_path / "m.png"
+    image.write_bytes(b"x")
+    mask.write_bytes(b"x")
+    args = ["edit", "--original_image", str(image), "--mask_image", str(mask), "--prompt", "x"]
+    assert runner.invoke(cli.app, args).exit_code == 0
+    assert "num_inference_steps=50" in captured[0][1]
+    assert runner.invoke(cli.app, [*args, "num_inference_steps=2"]).exit_code == 0
+    steps = [o for o in captured[1][1] if o.startswith("num_inference_steps=")]
+    assert steps == ["num_inference_steps=2"]

@@ -437,3 +437,36 @@ def test_image_and_mask_must_differ(tmp_path: Path) -> None:
         find_pairs(tmp_path / "both", tmp_path / "both")
     with pytest.raises(UsageError, match="also the image"):
         find_pairs(tmp_path / "both/a.png", tmp_path / "both/a.png")
+
+
+def _icc(space: bytes = b"RGB ") -> bytes:
+    from PIL import ImageCms
+
+    profile = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    profile[16:20] = space  # the header's data colour space
+    return bytes(profile)
+
+
+def test_an_rgb_colour_profile_stays_with_the_pixels_and_goes_into_the_png(tmp_path: Path) -> None:
+    icc = _icc()
+    _rgb().save(tmp_path / "p3.jpg", quality=95, icc_profile=icc)
+    loaded = load_image(tmp_path / "p3.jpg")
+    assert loaded.info.get("icc_profile") == icc
+    plain = np.asarray(Image.open(tmp_path / "p3.jpg").convert("RGB"))
+    assert np.array_equal(np.asarray(loaded), plain)  # carried, not converted: pixels untouched
+    save_png_atomic(np.asarray(loaded), tmp_path / "out.png", icc_profile=icc)
+    assert Image.open(tmp_path / "out.png").info.get("icc_profile") == icc
+    save_png_atomic(np.asarray(loaded), tmp_path / "bare.png")
+    assert "icc_profile" not in Image.open(tmp_path / "bare.png").info
+
+
+def test_a_profile_that_cannot_describe_rgb_pixels_is_not_carried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An RGB output must not carry a CMYK or grey profile; one that does not fit its image is dropped with
+    a warning naming the file."""
+    _rgb().convert("L").save(tmp_path / "grey.png", icc_profile=_icc(b"CMYK"))
+    with caplog.at_level("WARNING", logger="stylekit.inpaint.images"):
+        loaded = load_image(tmp_path / "grey.png")
+    assert loaded.mode == "RGB" and "icc_profile" not in loaded.info
+    assert any("grey.png" in r.getMessage() and "CMYK" in r.getMessage() for r in caplog.records)

@@ -7,17 +7,15 @@ calls the same worker on the same payload bytes, with a temp dir standing in for
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import modal_fakes
 import pytest
 from hydra import initialize
 from hydra.core.global_hydra import GlobalHydra
@@ -25,6 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import HydraContext, RunMode
+from modal_fakes import FakeVolume
 from omegaconf import OmegaConf
 
 from stylekit.remote import ModalSettings, VolumeSpec, container_env, gpu_option, image_spec, python_version
@@ -115,7 +114,8 @@ def test_launcher_config_becomes_modal_function_options() -> None:
 def test_launcher_defaults_and_a_bad_key() -> None:
     conf = _launcher_conf()
     assert (conf.gpu, conf.backend, conf.dry_run, conf.app_name) == ("H100", "modal", False, "stylekit")
-    assert conf.secrets == ["huggingface", "wandb"]
+    assert conf.secrets is None  # only what the jobs need
+    assert (conf.use_deployed, conf.detach, conf.processes) == (False, False, None)
     with pytest.raises(Exception, match="gpus"):
         _launcher_conf("hydra.launcher.gpus=A10G")
 
@@ -241,88 +241,12 @@ def test_local_backend_keeps_the_others_when_one_job_fails(launch: Callable[...,
         assert (run_dir / "result.txt").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
 
 
-@dataclass
-class _Entry:
-    path: str
-    type: Any
-
-
-class _Kind:
-    name = "FILE"
-
-
-class FakeVolume:
-    """A modal.Volume over a local folder (the container writes the same folder: it is the mount)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def listdir(self, path: str) -> list[_Entry]:
-        target = self.root / path
-        if not target.exists():
-            raise FileNotFoundError(path)
-        # As Modal's: a file path lists that file.
-        paths = [target] if target.is_file() else list(target.iterdir())
-        return [_Entry(str(p.relative_to(self.root)), _Kind()) for p in paths]
-
-    def iterdir(self, path: str, recursive: bool = True) -> Iterator[_Entry]:
-        base = self.root / path
-        if not base.exists():
-            raise FileNotFoundError(path)
-        for p in sorted(base.rglob("*")):
-            if p.is_file():
-                yield _Entry(str(p.relative_to(self.root)), _Kind())
-
-    def read_file_into_fileobj(self, path: str, fileobj: io.BufferedWriter) -> int:
-        return fileobj.write((self.root / path).read_bytes())
-
-    @contextlib.contextmanager
-    def batch_upload(self) -> Iterator[Any]:
-        volume = self
-
-        class Batch:
-            def put_directory(self, local: Path, remote: str) -> None:
-                shutil.copytree(local, volume.root / remote)
-
-            def put_file(self, local: Path, remote: str) -> None:
-                (volume.root / remote).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy(local, volume.root / remote)
-
-        yield Batch()
-
-
-def _fake_modal(monkeypatch: pytest.MonkeyPatch, mount: Path) -> tuple[list[bytes], list[Any]]:
-    """``build_remote`` whose ``map`` runs the worker here on the payload bytes, in order, like Modal's."""
-    from stylekit.remote import app as remote_app
-    from stylekit.remote import worker
-
-    shipped: list[bytes] = []
-    settings_seen: list[Any] = []
-
-    class Function:
-        def map(self, payloads: list[bytes], order_outputs: bool, return_exceptions: bool) -> list[Any]:
-            shipped.extend(payloads)
-            return [worker.run_payload(p) for p in payloads]
-
-    class App:
-        @contextlib.contextmanager
-        def run(self) -> Iterator[None]:
-            yield
-
-    def build_remote(settings: Any, spec: Any = None) -> Any:
-        settings_seen.append(settings)
-        return remote_app.Remote(app=App(), worker=Function(), outputs=FakeVolume(mount))
-
-    monkeypatch.setattr(remote_app, "build_remote", build_remote)
-    monkeypatch.setattr(worker, "_commit", lambda name: None)
-    return shipped, settings_seen
-
-
 def test_modal_backend_path_runs_on_the_volume_and_copies_back(
     launch: Callable[..., list[JobReturn]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     mount = tmp_path / "volume"
-    shipped, settings = _fake_modal(monkeypatch, mount)
+    seen = modal_fakes.install(monkeypatch, mount)
+    shipped, settings = seen.shipped, seen.settings
     monkeypatch.setenv("STYLEKIT_TEST_TOKEN", "t0k")
     photo = tmp_path / "photo.txt"
     photo.write_text("pixels")
@@ -332,6 +256,7 @@ def test_modal_backend_path_runs_on_the_volume_and_copies_back(
         _task,
         jobs,
         f"hydra.launcher.volumes.outputs.path={mount}",
+        "hydra.launcher.gpu=none",
         "hydra.launcher.inputs=[image]",
         "hydra.job.env_copy=[STYLEKIT_TEST_TOKEN]",
     )
@@ -397,7 +322,6 @@ def test_inputs_upload_once_per_content_and_lora_scales_survive(tmp_path: Path, 
     assert list(defaults) == ["image"] and defaults["image"].endswith("/base_images")
     assert transfer.plan_inputs(OmegaConf.create({}), ["image=data/base_images"], "/workspace") == ([], {})
     volume = FakeVolume(tmp_path / "vol")
-    (tmp_path / "vol").mkdir()
     transfer.upload(volume, staged)
     transfer.upload(volume, staged)  # already there: no second copy (copytree would fail)
     before = staged[0].volume_path

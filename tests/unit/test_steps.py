@@ -253,6 +253,36 @@ def test_revert_colours_changed_structure_from_the_region_statistics() -> None:
     assert np.abs(srgb_to_lab(restored[core])[:, 0] - srgb_to_lab(generated[core])[:, 0]).max() < 3.0
 
 
+def test_revert_puts_back_only_colours_the_region_had() -> None:
+    """Red over white, and the model moved the red to where the white was, with a soft edge: the light new
+    pixels must come back white. The old linear fit of a*/b* on L* painted them pink (chroma up to 29.5 at
+    L* > 80, where the original had only red at L* 47 and white at 100)."""
+    image = np.full((64, 64, 3), 255, np.uint8)
+    image[:, :32] = (220, 30, 30)
+    mask = np.zeros((64, 64), bool)
+    mask[8:56, 8:56] = True
+    ctx = StepContext(image=image, mask=mask)
+    grey = run_pre_steps(ctx, get_steps(["grayscale"], "pre"))
+    red_grey, white_grey = grey[20, 12].astype(float), grey[20, 50].astype(float)
+    # Swapped halves and an 8 px soft edge between them, all of it new structure.
+    weight = np.clip((np.arange(64) - 28) / 8.0, 0.0, 1.0)[None, :, None]
+    generated = np.where(mask[..., None], np.rint(white_grey * (1 - weight) + red_grey * weight), grey)
+    generated = generated.astype(np.uint8)
+
+    restored = run_post_steps(ctx, generated, get_steps(["revert_grayscale"], "post"))
+
+    lab, gen_l = srgb_to_lab(restored), srgb_to_lab(generated)[..., 0]
+    chroma = np.hypot(lab[..., 1], lab[..., 2])
+    light = mask & (gen_l > 80)
+    assert light.sum() > 300 and chroma[light].max() < 1.0, chroma[light].max()
+    # Where the red went, it is red again: the original's hue, at the generated lightness.
+    dark = mask & (gen_l < 55)
+    red = srgb_to_lab(image[20, 12])
+    hue = np.degrees(np.arctan2(lab[dark][:, 2], lab[dark][:, 1]))
+    assert np.abs(hue - np.degrees(np.arctan2(red[2], red[1]))).max() < 3.0
+    assert np.abs(lab[dark][:, 0] - gen_l[dark]).max() < 1.0
+
+
 def test_revert_without_grayscale_state_is_a_usage_error() -> None:
     ctx = StepContext(image=_colourful(8, 8), mask=np.ones((8, 8), bool))
     with pytest.raises(UsageError, match="without grayscale"):
