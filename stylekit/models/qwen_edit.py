@@ -139,10 +139,7 @@ class QwenEditFamily(ModelFamily):
         """The size the edit pipelines VAE-encode their condition image at: `condition_area` pixels at the
         image's aspect ratio, sides rounded to 32 (not the target's bucket: at data.resolution=512 that would
         train on a quarter of the control tokens inference shows the model)."""
-        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions
-
-        width, height = calculate_dimensions(self.condition_area, size[0] / size[1])[:2]
-        return int(width), int(height)
+        return pipeline_size(self.condition_area, size[0] / size[1])
 
     def encode_prompt(self, pipe: Any, caption: str, control: Any = None) -> dict[str, torch.Tensor]:
         """The instruction encoded together with the control image, as the edit pipeline conditions on both."""
