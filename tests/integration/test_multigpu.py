@@ -47,6 +47,7 @@ import stylekit.io
 from stylekit.train.cache import TensorCache
 
 rank = int(os.environ["RANK"])
+Path(os.environ["PROBE_DIR"], f"pid-{rank}").write_text(str(os.getpid()))
 counts = {"synced_backwards": 0, "bucket_allreduces": 0, "cache_writes": 0, "class_images": []}
 atexit.register(lambda: Path(os.environ["PROBE_DIR"], f"rank-{rank}.json").write_text(json.dumps(counts)))
 delay = float(os.environ.get("PROBE_ALLREDUCE_DELAY", "0"))
@@ -284,9 +285,13 @@ def test_two_processes_train_the_one_process_lora_into_one_run_dir_splitting_the
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("target", ["launcher", "rank 1"])
 def test_a_two_process_run_stopped_by_sigterm_checkpoints_once_and_the_same_command_resumes_it(
-    images: Path, tmp_path: Path
+    target: str, images: Path, tmp_path: Path
 ) -> None:
+    """SIGTERM to `accelerate launch` (a scheduler, `kill`, Ctrl-C) reaches every rank; one to a single rank (a
+    scheduler's per-process signal) reaches only it. Either way all ranks stop at the same step, rank 0 saves it
+    before any rank exits, and the same command resumes from it."""
     steps = 30
     settings = _settings(images, tmp_path, trainer__max_steps=steps, trainer__checkpoint_every=2,
                          hydra__run__dir=tmp_path / "run")  # fmt: skip
@@ -306,7 +311,10 @@ def test_a_two_process_run_stopped_by_sigterm_checkpoints_once_and_the_same_comm
             assert process.poll() is None, first_log.read_text()[-4000:]
             assert time.monotonic() < deadline, "no checkpoint within 600 s"
             time.sleep(0.05)
-        process.send_signal(signal.SIGTERM)  # to the launcher, as a scheduler or `kill` would
+        if target == "launcher":
+            process.send_signal(signal.SIGTERM)
+        else:
+            os.kill(int((tmp_path / "probes" / "pid-1").read_text()), signal.SIGTERM)
         process.wait(timeout=120)
     finally:
         if process.poll() is None:
