@@ -66,7 +66,8 @@ def resolve_runtime(dtype: str = "auto", device: str | None = None) -> Runtime:
         raise UsageError(f"model.dtype={dtype!r} is not one of {', '.join(DTYPES)}")
     device = device or ("cuda" if cuda_available() else "cpu")
     by_name = {"auto": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    if device == "cpu":
+    # Under several processes accelerate names each rank's CPU "cpu:<index>", which is still the CPU.
+    if torch.device(device).type == "cpu":
         if dtype == "auto":
             log.warning(
                 "No CUDA device: running on CPU in float32. CPU is for smoke runs on the tiny models."
@@ -174,6 +175,9 @@ class ModelFamily:
     gradient_checkpointing_default: ClassVar[bool] = False
     # Families whose published weights overflow in float16 (black or NaN images): model.dtype=fp16 warns.
     fp16_overflows: ClassVar[bool] = False
+    # Whether some LoRA weights get no gradient in a training step. DDP then has to search the autograd graph
+    # for them on every step (find_unused_parameters), which costs time, so only families that need it say so.
+    ddp_find_unused_parameters: ClassVar[bool] = False
 
     pretrained: str
     inpaint_pretrained: str | None = None

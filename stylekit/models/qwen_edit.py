@@ -128,6 +128,9 @@ class QwenEditFamily(ModelFamily):
 
     # ---- training: target image + control (source) image + instruction ---------------------------------
     needs_control: ClassVar[bool] = True
+    # The last block's text stream is discarded (only image tokens reach the output), so its text-side LoRA
+    # weights get no gradient.
+    ddp_find_unused_parameters: ClassVar[bool] = True
 
     def _condition_size(self, image: Any, area: int) -> tuple[int, int]:
         from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions

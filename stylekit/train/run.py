@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -117,8 +118,13 @@ class Session:
         self.seed = int(cfg.seed)
         # The Accelerator comes first: under `accelerate launch` it pins each rank to its own GPU, and every
         # model must load onto that device, not onto cuda:0.
-        self.accelerator = _accelerator(str(self.trainer.mixed_precision), cpu=family.device == "cpu")
+        self.accelerator = _accelerator(
+            str(self.trainer.mixed_precision), family.ddp_find_unused_parameters, cpu=family.device == "cpu"
+        )
         self.run_dir = _shared_run_dir(self.accelerator, run_dir)
+        # Every rank prints to the same terminal: rank 0 speaks for all, the others only warn.
+        if not self.accelerator.is_main_process:
+            logging.getLogger("stylekit").setLevel(logging.WARNING)
         resolved = OmegaConf.to_container(cfg, resolve=True)
         if self.accelerator.is_main_process:
             self.tracker = make_tracker(cfg.logger, self.run_dir, resolved)
@@ -152,12 +158,19 @@ class Session:
         data = self.cfg.data
         if not data.get("class_dir") or int(data.get("num_class_images") or 0) < 1:
             return []
-        missing = count_missing_class_images(data.class_dir, int(data.num_class_images))
+        class_dir = Path(data.class_dir)
+        missing = count_missing_class_images(class_dir, int(data.num_class_images))
+        existing = len(list(class_dir.glob("class_*.png"))) if missing else 0
+        # Every rank has counted before any rank writes, so all agree on which images are missing.
+        self.accelerator.wait_for_everyone()
         if missing:
-            self._generate_class_images(Path(data.class_dir), str(data.class_prompt), missing)
+            self._generate_class_images(class_dir, str(data.class_prompt), existing, missing)
+            self.accelerator.wait_for_everyone()  # all of them on disk before any rank reads the folder
         return prepare_class_samples(self.cfg, multiple=self.family.bucket_multiple, seed=self.seed)
 
-    def _generate_class_images(self, class_dir: Path, prompt: str, count: int) -> None:
+    def _generate_class_images(self, class_dir: Path, prompt: str, first: int, count: int) -> None:
+        """Images `first` .. `first + count - 1`, each seeded by its index; under several processes each rank
+        draws every world-th one, so the folder is the same as one process would write, in 1/world the time."""
         import torch
 
         from stylekit.io import atomic_write_bytes
@@ -166,11 +179,11 @@ class Session:
         class_dir.mkdir(parents=True, exist_ok=True)
         pipe = self.family.pipeline_with(self._denoiser(), self.encoders)
         size = (int(self.cfg.data.resolution),) * 2
-        existing = len(list(class_dir.glob("class_*.png")))
-        for i in range(count):
-            generator = torch.Generator(self.runtime.device).manual_seed(self.seed + existing + i)
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        for i in range(first + rank, first + count, world):
+            generator = torch.Generator(self.runtime.device).manual_seed(self.seed + i)
             image = self.family.sample(pipe, prompt, size, self._sample_steps(), generator)
-            atomic_write_bytes(class_dir / f"class_{existing + i:05d}.png", _png_bytes(image))
+            atomic_write_bytes(class_dir / f"class_{i:05d}.png", _png_bytes(image))
 
     # ---- encoding ---------------------------------------------------------------------------------------
     def encode(self, train_samples: list, val_samples: list, class_samples: list) -> None:
@@ -179,6 +192,7 @@ class Session:
         root = Path(self.trainer.get("cache_dir") or default_cache_dir())
         self.cache = TensorCache(root, enabled=bool(self.trainer.cache_latents))
         timer = Timer()
+        self._encode_shares([*train_samples, *val_samples, *class_samples])
         self.examples = [self._encode(s) for s in train_samples]
         self.val_examples = [self._encode(s) for s in val_samples]
         self.class_examples = [self._encode(s) for s in class_samples]
@@ -206,6 +220,18 @@ class Session:
         with torch.inference_mode():
             encoded = [self.family.sampling_inputs(self.encoders, p, control) for p in self._prompts()]
         return [{k: v.to("cpu") if hasattr(v, "to") else v for k, v in e.items()} for e in encoded]
+
+    def _encode_shares(self, samples: list) -> None:
+        """Under several processes each rank first encodes every world-th sample into the shared cache, then
+        waits for the others: the dataset is encoded once, split across the GPUs, and every rank then reads all
+        of it back from the cache. Without a cache (trainer.cache_latents=false) each rank encodes everything."""
+        accelerator = self.accelerator
+        if accelerator.num_processes == 1 or not self.cache.enabled:
+            return
+        unique = list({id(sample): sample for sample in samples}.values())  # val samples may be train ones
+        for sample in unique[accelerator.process_index :: accelerator.num_processes]:
+            self._encode(sample)
+        accelerator.wait_for_everyone()
 
     def _model_id(self) -> str:
         """Everything about the family that can change an encoding (sequence length, condition areas...)."""
@@ -252,7 +278,7 @@ class Session:
         from tqdm.auto import tqdm
 
         from stylekit.train import lora_io
-        from stylekit.train.checkpoint import CheckpointManager, GracefulExit, resolve_resume
+        from stylekit.train.checkpoint import CheckpointManager, GracefulExit
         from stylekit.train.optim import make_optimizer, make_schedule
 
         trainer = self.trainer
@@ -283,8 +309,10 @@ class Session:
         stepper = optimizer.optimizer if single else optimizer
         clip = torch.nn.utils.clip_grad_norm_ if single else accelerator.clip_grad_norm_
         self.model = model
-        manager = CheckpointManager(self.checkpoint_root, int(trainer.keep_checkpoints))
-        start = self._resume(resolve_resume(str(trainer.resume), self.checkpoint_root), optimizer, schedule)
+        # Only rank 0 writes checkpoints, and only it tidies up what an interrupted save left.
+        main = accelerator.is_main_process
+        manager = CheckpointManager(self.checkpoint_root, int(trainer.keep_checkpoints)) if main else None
+        start = self._resume(self._checkpoint_to_resume(), optimizer, schedule)
         batches = Batches(self.examples, int(trainer.batch_size), self.seed)
         prior = (
             Batches(self.class_examples, int(trainer.batch_size), self.seed + 1)
@@ -303,14 +331,19 @@ class Session:
                 total = 0.0
                 for k in range(accumulation):
                     micro = (step * accumulation + k) * world + rank
-                    loss = self._micro_loss(batches, prior, micro) / accumulation
-                    accelerator.backward(loss)
+                    # Under DDP gradients are all-reduced once per optimizer step, on its last micro-batch; the
+                    # others only accumulate locally (no_sync must cover the forward pass too).
+                    last_micro = k == accumulation - 1
+                    with contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
+                        loss = self._micro_loss(batches, prior, micro) / accumulation
+                        accelerator.backward(loss)
                     total += float(loss.detach())
                 if trainer.max_grad_norm:
                     clip(params, float(trainer.max_grad_norm))
                 stepper.step()
                 schedule.step()
                 stepper.zero_grad(set_to_none=True)
+                total, stopping = self._across_ranks(total, stop.stop_requested)
                 done = step + 1
                 lr = schedule.get_last_lr()[0]
                 bar.update(1)
@@ -319,13 +352,16 @@ class Session:
                     {"train/loss": total, "train/lr": lr, "train/step_seconds": timer()}, step=done
                 )
                 last = done == max_steps
-                if done % int(trainer.checkpoint_every) == 0 or last or stop.stop_requested:
+                if done % int(trainer.checkpoint_every) == 0 or last or stopping:
                     self._save_checkpoint(manager, done, optimizer, schedule)
-                if stop.stop_requested and not last:
+                if stopping and not last:
                     bar.close()
-                    log.warning("Stopped at step %d by %s; rerun the same command to resume.", done,
-                                stop.signal_name)  # fmt: skip
-                    sys.exit(143 if stop.signal_name == "SIGTERM" else 130)
+                    # No rank exits before rank 0's checkpoint is whole: a launcher kills the rest of the job
+                    # as soon as one of its processes ends.
+                    accelerator.wait_for_everyone()
+                    by = stop.signal_name or "a signal to another process of this run"
+                    log.warning("Stopped at step %d by %s; rerun the same command to resume.", done, by)
+                    sys.exit(130 if stop.signal_name == "SIGINT" else 143)
                 if done % int(trainer.validate_every) == 0 or last:
                     val_loss = self.validate(done, samples=not last)
         bar.close()
@@ -334,6 +370,19 @@ class Session:
         self.final_val_loss = val_loss
         self.steps_done = max(start, max_steps)  # what the weights saw (a rerun may ask for fewer steps)
         return val_loss
+
+    def _across_ranks(self, loss: float, stop: bool) -> tuple[float, bool]:
+        """The step's loss averaged over the ranks (each saw its own micro-batches), and whether any rank was
+        asked to stop. Signals reach the processes at different moments; all must stop at the same step, or the
+        ones still training wait forever for the others in the next all-reduce."""
+        accelerator = self.accelerator
+        if accelerator.num_processes == 1:
+            return loss, stop
+        import torch
+
+        values = torch.tensor([loss, float(stop)], dtype=torch.float64, device=accelerator.device)
+        summed = accelerator.reduce(values, reduction="sum")
+        return float(summed[0]) / accelerator.num_processes, bool(summed[1] > 0)
 
     def _micro_loss(self, batches: Batches, prior: Batches | None, micro: int) -> Any:
         import torch
@@ -401,6 +450,18 @@ class Session:
                 f"could not save the step {step} checkpoint in {manager.root} ({error.strerror or error}); "
                 "free space there or set trainer.checkpoint_root, then rerun to resume from the last one"
             ) from error
+
+    def _checkpoint_to_resume(self) -> Path | None:
+        """Rank 0's choice for every rank: all must start from the same step, and rank 0's CheckpointManager may
+        just have restored a checkpoint that an interrupted save had moved aside."""
+        from stylekit.train.checkpoint import resolve_resume
+
+        found = resolve_resume(str(self.trainer.resume), self.checkpoint_root)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            found = broadcast_object_list([found])[0]
+        return found
 
     def _resume(self, checkpoint: Path | None, optimizer: Any, schedule: Any) -> int:
         import torch
@@ -566,7 +627,7 @@ def _png_bytes(image: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _accelerator(mixed_precision: str, cpu: bool = False) -> Any:
+def _accelerator(mixed_precision: str, find_unused_parameters: bool = False, cpu: bool = False) -> Any:
     import torch
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
@@ -581,8 +642,9 @@ def _accelerator(mixed_precision: str, cpu: bool = False) -> Any:
     shared = AcceleratorState._shared_state
     if shared and shared.get("_mixed_precision") != precision:
         AcceleratorState._reset_state()
-    # Some LoRA targets get no gradient (Qwen's last block discards its text stream); DDP must not wait for them.
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    # Only families whose LoRA leaves some weights without a gradient (ModelFamily.ddp_find_unused_parameters)
+    # pay for DDP's per-step search for them.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
     return Accelerator(mixed_precision=precision, cpu=not cuda, kwargs_handlers=[ddp])
 
 
@@ -591,6 +653,34 @@ def _shared_run_dir(accelerator: Any, run_dir: Path) -> Path:
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
-        run_dir = Path(broadcast_object_list([str(run_dir)])[0])
+        shared = Path(broadcast_object_list([str(run_dir)])[0])
+        if shared.resolve() != run_dir.resolve():
+            _drop_own_run_dir(run_dir, shared / "ranks" / str(accelerator.process_index))
+        run_dir = shared
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def _drop_own_run_dir(own: Path, rank_dir: Path) -> None:
+    """A rank that started a second after rank 0 got a Hydra run dir of its own, holding only Hydra's record
+    (.hydra/) and this rank's log: move the log to `rank_dir` beside rank 0's files and remove the dir, so one
+    run leaves one run dir. A dir holding anything else is left alone."""
+    import shutil
+
+    if not own.is_dir():
+        return
+    if any(p.name != ".hydra" and not (p.is_file() and p.suffix == ".log") for p in own.iterdir()):
+        return
+    rank_dir.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    for handler in list(root.handlers):  # Hydra's file handler writes into `own`
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == own.resolve():
+            handler.close()
+            moved = rank_dir / Path(handler.baseFilename).name
+            shutil.move(handler.baseFilename, moved)
+            replacement = logging.FileHandler(moved, encoding=handler.encoding)
+            replacement.setFormatter(handler.formatter)
+            replacement.setLevel(handler.level)
+            root.removeHandler(handler)
+            root.addHandler(replacement)
+    shutil.rmtree(own, ignore_errors=True)
