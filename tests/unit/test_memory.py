@@ -163,3 +163,15 @@ def test_bad_choices_name_the_key() -> None:
         memory.optimizer_state_bytes([(1, 1)], "sgd")
     with pytest.raises(UsageError, match="quantize='nf8'"):
         memory.weight_bytes(memory.census("sdxl", "vae"), "bf16", "nf8")
+
+
+def test_doctor_shows_the_computed_budgets() -> None:
+    from typer.testing import CliRunner
+
+    from stylekit import cli
+
+    result = CliRunner().invoke(cli.app, ["doctor"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    flux_train = memory.table()["flux"]["train bf16"]
+    assert f"{flux_train.exact / memory.GIB:.1f} / ~{flux_train.total / memory.GIB:.0f}" in result.output
+    assert "estimated activations" in result.output
