@@ -680,7 +680,9 @@ def _shallow_sdxl_pipeline(seed: int) -> Any:
 
     tokenizer, tokenizer_2 = _clip_tokenizer(), _clip_tokenizer()
     # Cross-attention 2048 = CLIP-L 768 + CLIP-G 1280 hidden states; added embeddings 2816 = 6 x 256 + 1280.
-    unet = _published_denoiser("sdxl", "unet", seed, layers_per_block=1, transformer_layers_per_block=[1, 1, 1])
+    unet = _published_denoiser(
+        "sdxl", "unet", seed, layers_per_block=1, transformer_layers_per_block=[1, 1, 1]
+    )
     return StableDiffusionXLPipeline(
         vae=_sdxl_vae(seed),
         text_encoder=_shallow_clip(tokenizer, 768, "quick_gelu", seed),
