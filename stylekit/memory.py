@@ -365,7 +365,9 @@ def budget(
 
     Training encodes the whole dataset first (text encoders + VAE), then moves the encoders off the GPU; the
     loop holds the denoiser, the VAE for validation samples, the LoRA, its gradients and the optimizer state.
-    The peak is the larger phase. Editing holds every component (bitsandbytes quantizes only the denoiser, as
+    The peak is the larger phase. (This is the loop once validation samples use prompts encoded while caching,
+    issue 10's defect 10; until then each validation brings the text encoders back beside the denoiser.)
+    Editing holds every component (bitsandbytes quantizes only the denoiser, as
     stylekit asks it to); with model offload, the largest one at a time."""
     if family not in published.COMPONENTS:
         raise UsageError(f"family={family!r} is not one of {', '.join(published.COMPONENTS)}")
