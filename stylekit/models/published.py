@@ -31,8 +31,8 @@ CHECKPOINTS = {
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
     "qwen_edit": "Qwen/Qwen-Image-Edit-2511",
 }
-# Components published by another checkpoint of the family (the edit model's own denoiser), by file name.
-VARIANTS = {("flux", "transformer_fill"): "black-forest-labs/FLUX.1-Fill-dev"}
+# Published by another checkpoint of the family: the edit model's own denoiser.
+EDIT_DENOISERS = {"flux": ("transformer_fill", "black-forest-labs/FLUX.1-Fill-dev")}
 
 
 def config(family: str, component: str) -> dict[str, Any]:
@@ -46,10 +46,6 @@ def _read(family: str, component: str) -> str:
     if not path.is_file():
         raise KeyError(f"no published config for {family}/{component}")
     return path.read_text()
-
-
-def class_name(family: str, component: str) -> str:
-    return config(family, component)["_class_name"]
 
 
 @contextmanager
@@ -67,26 +63,23 @@ def build_on_meta(family: str, component: str, **overrides: Any) -> torch.nn.Mod
     values = config(family, component) | overrides
     name = values.pop("_class_name")
     with _on_meta():
-        if name in ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel"):
-            return _transformers_model(name, values)
-        if name == "Qwen2_5_VLForConditionalGeneration":
+        if name in _TRANSFORMERS_CLASSES:
             return _transformers_model(name, values)
         import diffusers
 
         return getattr(diffusers, name).from_config(values)
 
 
-def transformers_config(family: str, component: str, **overrides: Any) -> Any:
-    """The transformers config object the published values load as (the hub's flat layout included)."""
-    import transformers
-
-    values = config(family, component) | overrides
-    name = values.pop("_class_name")
-    config_class = getattr(transformers, name).config_class
-    return config_class.from_dict(values)
+_TRANSFORMERS_CLASSES = (
+    "CLIPTextModel",
+    "CLIPTextModelWithProjection",
+    "T5EncoderModel",
+    "Qwen2_5_VLForConditionalGeneration",
+)
 
 
 def _transformers_model(name: str, values: dict[str, Any]) -> torch.nn.Module:
+    """transformers reads the hub's config.json layout (Qwen2.5-VL's flat text keys included) with from_dict."""
     import transformers
 
     model_class = getattr(transformers, name)
