@@ -6,23 +6,15 @@ import os
 import platform
 import sys
 from pathlib import Path
+from typing import Any
 
-# Approximate peak VRAM (GiB) per family and mode, for a batch of 1 at 1024 px with gradient checkpointing and
-# cached latents. Sources: the checkpoints' published weight sizes (FLUX.1-dev transformer 23.8 GB bf16, T5-XXL
-# 9.5 GB; SDXL UNet 5.1 GB; Qwen-Image 20B transformer ~41 GB bf16, Qwen2.5-VL-7B encoder ~16.6 GB) plus
-# activations and optimizer state as reported in diffusers' and ai-toolkit's training guides. Estimates, not
-# measurements from this project: bench/gpu.py measures them on a real card.
-VRAM_GIB = {
-    "flux": {"train bf16": 40, "train nf4": 18, "inpaint bf16": 36, "inpaint offload": 24, "inpaint nf4": 16},
-    "sdxl": {"train bf16": 16, "train nf4": 12, "inpaint bf16": 10, "inpaint offload": 6, "inpaint nf4": 8},
-    "qwen_edit": {
-        "train bf16": 80,
-        "train nf4": 32,
-        "inpaint bf16": 62,
-        "inpaint offload": 44,
-        "inpaint nf4": 24,
-    },
-}
+
+def vram_gib() -> dict[str, dict[str, float]]:
+    """Peak GiB per family and mode (stylekit.memory): weights, LoRA and optimizer state computed exactly from the
+    published architectures, plus estimated activations and CUDA runtime overhead."""
+    from stylekit.memory import GIB, table
+
+    return {family: {mode: b.total / GIB for mode, b in modes.items()} for family, modes in table().items()}
 
 
 def _credential(env: tuple[str, ...], files: tuple[Path, ...], needle: str | None = None) -> str:
@@ -65,14 +57,13 @@ def hf_cache_size() -> tuple[Path, int]:
 def fits(free_gib: float) -> dict[str, list[str]]:
     return {
         family: [mode for mode, need in modes.items() if need <= free_gib]
-        for family, modes in VRAM_GIB.items()
+        for family, modes in vram_gib().items()
     }
 
 
 def report() -> None:
     import torch
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
     console.print(f"Python {sys.version.split()[0]} on {platform.platform()}")
@@ -88,15 +79,32 @@ def report() -> None:
         console.print(
             "[yellow]No CUDA device[/]: training and editing run on CPU, for smoke runs on tiny models only."
         )
-    table = Table(title=f"What fits in {best:.0f} GiB (estimates; see stylekit/doctor.py for sources)")
-    table.add_column("family")
-    for mode in VRAM_GIB["flux"]:
-        table.add_column(f"{mode} (GiB)")
-    for family, modes in VRAM_GIB.items():
-        cells = [f"[green]{need}[/]" if need <= best else f"[red]{need}[/]" for need in modes.values()]
-        table.add_row(family, *cells)
-    console.print(table)
+    _memory_table(console, best)
     for service, state in credentials().items():
         console.print(f"{service} credentials: {state}")
     root, size = hf_cache_size()
     console.print(f"HF cache {root}: {size / 2**30:.2f} GiB")
+
+
+def _memory_table(console: Any, free_gib: float) -> None:
+    from rich.table import Table
+
+    from stylekit.memory import GIB, table
+
+    budgets = table()
+    titles = list(next(iter(budgets.values())))
+    grid = Table(
+        title=f"Peak GiB, batch 1 at 1024 px, LoRA rank 16 (green: fits in {free_gib:.0f} GiB free)",
+        caption="exact weights + LoRA + optimizer state / ~total with estimated activations and CUDA overhead; "
+        "train nf4 uses optimizer.name=adamw8bit",
+    )
+    grid.add_column("family")
+    for title in titles:
+        grid.add_column(title)
+    for family, modes in budgets.items():
+        cells = []
+        for budget in modes.values():
+            colour = "green" if budget.total / GIB <= free_gib else "red"
+            cells.append(f"[{colour}]{budget.exact / GIB:.1f} / ~{budget.total / GIB:.0f}[/]")
+        grid.add_row(family, *cells)
+    console.print(grid)

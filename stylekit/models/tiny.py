@@ -27,6 +27,11 @@ from stylekit.errors import UsageError
 from stylekit.paths import cache_root
 
 TINY_NAMES = ("flux", "flux_fill", "sdxl", "sdxl_inpaint", "qwen_edit")
+# The shallow tier: each denoiser at the real checkpoint's widths with one or two blocks, fed by text encoders of
+# the widths it needs (~1 GB a folder). Catches dimension mix-ups that tiny configs with equal sizes hide.
+SHALLOW_PREFIX = "shallow_"
+SHALLOW_NAMES = ("shallow_flux", "shallow_flux_fill", "shallow_sdxl", "shallow_qwen_edit")
+NAMES = TINY_NAMES + SHALLOW_NAMES
 
 
 # Real FLUX.1 / SDXL / Qwen-Image VAEs all downsample by 8: four resolution levels (three halvings).
@@ -540,12 +545,179 @@ def _qwen_edit_pipeline(seed: int) -> Any:
     )
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The shallow tier: real widths, one or two blocks
+# ---------------------------------------------------------------------------------------------------------
+
+# Feed-forward width of the shallow text encoders: only their output width matters to the denoiser.
+_SHALLOW_FF = 256
+
+
+def _published_denoiser(family: str, component: str, seed: int, **depth: Any) -> Any:
+    """The real checkpoint's denoiser config (stylekit/models/configs) with only its depth reduced."""
+    import diffusers
+    import torch
+
+    from stylekit.models import published
+
+    values = published.config(family, component) | depth
+    cls = getattr(diffusers, values.pop("_class_name"))
+    torch.manual_seed(seed)
+    return cls.from_config(values)
+
+
+def _shallow_clip(tokenizer: Any, width: int, hidden_act: str, seed: int, projection: bool = False) -> Any:
+    """CLIP text encoder at a real width (64-wide heads as in CLIP-L/G) with two layers: SDXL reads the
+    penultimate one."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        intermediate_size=_SHALLOW_FF,
+        num_hidden_layers=2,
+        num_attention_heads=width // 64,
+        max_position_embeddings=77,
+        hidden_act=hidden_act,
+        projection_dim=width,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def _shallow_t5(tokenizer: Any, seed: int) -> Any:
+    """T5 encoder with T5-XXL's 4096-wide output (what FLUX's context embedder takes), one narrow layer."""
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=4096,
+        d_kv=64,
+        d_ff=_SHALLOW_FF,
+        num_layers=1,
+        num_heads=2,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return T5EncoderModel(config)
+
+
+def _shallow_qwen_vl(tokenizer: Any, seed: int) -> Any:
+    """Qwen2.5-VL with the 7B's text width (3584, 28 heads of 128, 4 KV heads, its mrope sections) in one
+    layer, and a narrow vision tower that merges into that width."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = _qwen_token_ids(tokenizer)
+    text_config = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 3584,
+        "intermediate_size": _SHALLOW_FF,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+        "bos_token_id": ids["bos_token_id"],
+        "eos_token_id": ids["eos_token_id"],
+        "pad_token_id": ids["pad_token_id"],
+    }
+    vision_config = {
+        "depth": 1,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "out_hidden_size": 3584,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 112,
+        "fullatt_block_indexes": [0],
+    }
+    config = Qwen2_5_VLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=ids["image_token_id"],
+        video_token_id=ids["video_token_id"],
+        vision_start_token_id=ids["vision_start_token_id"],
+        vision_end_token_id=ids["vision_end_token_id"],
+    )
+    torch.manual_seed(seed)
+    return Qwen2_5_VLForConditionalGeneration(config)
+
+
+def _shallow_flux_pipeline(seed: int, fill: bool) -> Any:
+    from diffusers import FluxFillPipeline, FluxPipeline
+
+    tokenizer, tokenizer_2 = _clip_tokenizer(), _t5_tokenizer()
+    component = "transformer_fill" if fill else "transformer"
+    return (FluxFillPipeline if fill else FluxPipeline)(
+        scheduler=_flux_scheduler(),
+        vae=_flux_vae(seed),
+        text_encoder=_shallow_clip(tokenizer, 768, "quick_gelu", seed),  # pooled: 768
+        tokenizer=tokenizer,
+        text_encoder_2=_shallow_t5(tokenizer_2, seed),  # joint attention: 4096
+        tokenizer_2=tokenizer_2,
+        transformer=_published_denoiser("flux", component, seed, num_layers=1, num_single_layers=1),
+    )
+
+
+def _shallow_sdxl_pipeline(seed: int) -> Any:
+    from diffusers import StableDiffusionXLPipeline
+
+    tokenizer, tokenizer_2 = _clip_tokenizer(), _clip_tokenizer()
+    # Cross-attention 2048 = CLIP-L 768 + CLIP-G 1280 hidden states; added embeddings 2816 = 6 x 256 + 1280.
+    unet = _published_denoiser(
+        "sdxl", "unet", seed, layers_per_block=1, transformer_layers_per_block=[1, 1, 1]
+    )
+    return StableDiffusionXLPipeline(
+        vae=_sdxl_vae(seed),
+        text_encoder=_shallow_clip(tokenizer, 768, "quick_gelu", seed),
+        text_encoder_2=_shallow_clip(tokenizer_2, 1280, "gelu", seed, projection=True),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=_sdxl_scheduler(),
+    )
+
+
+def _shallow_qwen_edit_pipeline(seed: int) -> Any:
+    from diffusers import QwenImageEditPlusPipeline
+
+    tokenizer = _qwen_tokenizer()
+    return QwenImageEditPlusPipeline(
+        scheduler=_qwen_scheduler(),
+        vae=_qwen_vae(seed),
+        text_encoder=_shallow_qwen_vl(tokenizer, seed),  # joint attention: 3584
+        tokenizer=tokenizer,
+        processor=_qwen_processor(tokenizer),
+        transformer=_published_denoiser("qwen_edit", "transformer", seed, num_layers=1),
+    )
+
+
 _BUILDERS = {
     "flux": lambda seed: _flux_pipeline(seed, fill=False),
     "flux_fill": lambda seed: _flux_pipeline(seed, fill=True),
     "sdxl": lambda seed: _sdxl_pipeline(seed, inpaint=False),
     "sdxl_inpaint": lambda seed: _sdxl_pipeline(seed, inpaint=True),
     "qwen_edit": _qwen_edit_pipeline,
+    "shallow_flux": lambda seed: _shallow_flux_pipeline(seed, fill=False),
+    "shallow_flux_fill": lambda seed: _shallow_flux_pipeline(seed, fill=True),
+    "shallow_sdxl": _shallow_sdxl_pipeline,
+    "shallow_qwen_edit": _shallow_qwen_edit_pipeline,
 }
 
 
@@ -555,14 +727,22 @@ _BUILDERS = {
 
 
 def _check_name(name: str) -> None:
-    if name not in TINY_NAMES:
-        raise UsageError(f"unknown tiny model {name!r}; valid names: {', '.join(TINY_NAMES)}")
+    if name not in NAMES:
+        raise UsageError(f"unknown tiny model {name!r}; valid names: {', '.join(NAMES)}")
 
 
 def _write_pipeline(name: str, folder: Path, seed: int) -> None:
+    import torch
     from transformers.utils import logging as transformers_logging
 
     pipeline = _BUILDERS[name](seed)
+    if name.startswith(SHALLOW_PREFIX):
+        # Hundreds of millions of parameters: stored in bf16, the dtype the shallow tier runs in, to halve the
+        # folder (from_pretrained casts to whatever model.dtype asks).
+        for component in pipeline.components.values():
+            if isinstance(component, torch.nn.Module):
+                # nn.Module's own cast: diffusers' override warns about keep-in-fp32 modules these classes lack.
+                torch.nn.Module.to(component, torch.bfloat16)
     # transformers draws a progress bar per saved model; for a few hundred KB it is only noise.
     bars_were_on = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()
@@ -656,7 +836,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m stylekit.models.tiny", description="Write a tiny random-weight pipeline folder."
     )
-    parser.add_argument("name", help=f"one of: {', '.join(TINY_NAMES)}")
+    parser.add_argument("name", help=f"one of: {', '.join(NAMES)}")
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
