@@ -81,7 +81,8 @@ def _sigterm_after_step(monkeypatch: pytest.MonkeyPatch, stop_after: int) -> Non
 def _interrupted_then_resumed(
     tmp: Path, data: dict[str, Path], model: str, monkeypatch: pytest.MonkeyPatch, **precision: Any
 ) -> tuple[Any, float]:
-    """4 steps, validation with samples and a checkpoint every 2; SIGTERM after step 3; the same command again."""
+    """4 steps, validation with samples and a checkpoint every 2; SIGTERM while step 3 runs (the loop sees it at
+    the end of that step); the same command again."""
     from stylekit.train.run import run
 
     settings = dict(
@@ -89,7 +90,7 @@ def _interrupted_then_resumed(
     )
     cfg = _cfg(tmp, data, model, **settings, **precision)
     with monkeypatch.context() as patch:
-        _sigterm_after_step(patch, 3)
+        _sigterm_after_step(patch, 2)
         with pytest.raises(SystemExit) as stopped:
             run(cfg)
     assert stopped.value.code == 143
