@@ -413,7 +413,10 @@ class Session:
         self.tracker.log({"val/loss": val_loss}, step=step)
         if samples and self.accelerator.is_main_process:
             pipe = self.family.pipeline_with(self.accelerator.unwrap_model(self.model), self.encoders)
-            self._sample_grid(pipe, step)
+            # The prepared model returns fp32 under mixed precision (accelerate's wrapper), and the pipeline
+            # hands those latents to a bf16 VAE; under the same autocast the VAE takes them.
+            with self.accelerator.autocast():
+                self._sample_grid(pipe, step)
         return val_loss
 
     def _sample_steps(self) -> int:
