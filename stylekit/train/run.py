@@ -515,11 +515,17 @@ def _png_bytes(image: Any) -> bytes:
 def _accelerator(mixed_precision: str) -> Any:
     import torch
     from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.state import AcceleratorState
 
     cuda = torch.cuda.is_available()
     # auto: bf16 autocast on CUDA, none on CPU; an explicit bf16/fp16 is honoured on CPU too (the precision tier
     # of the tests runs what a CUDA run runs).
     precision = mixed_precision if mixed_precision != "auto" else ("bf16" if cuda else "no")
+    earlier = AcceleratorState._shared_state.get("_mixed_precision")
+    if earlier is not None and earlier != precision:
+        # An earlier run in this process (a sweep job, a reused Modal container) fixed another precision, which
+        # accelerate refuses to change; the process group (PartialState) stays.
+        AcceleratorState._reset_state()
     # Some LoRA targets get no gradient (Qwen's last block discards its text stream); DDP must not wait for them.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     return Accelerator(mixed_precision=precision, cpu=not cuda, kwargs_handlers=[ddp])

@@ -41,3 +41,19 @@ def test_bf16_mixed_precision_training_samples_at_a_mid_run_validation(model: st
     sample = tmp_path / "run" / "samples" / "step_000001.png"
     assert sample.is_file()
     assert np.asarray(Image.open(sample)).std() > 0.5  # an image, not one flat colour
+
+
+def test_training_runs_in_one_process_may_use_different_mixed_precision(tmp_path: Path) -> None:
+    # A sweep over trainer.mixed_precision, a reused Modal container or a GPU check runs several jobs in one
+    # process; accelerate keeps its first precision process-wide and refused any other.
+    data = _images(tmp_path / "data", 1)
+    for precision in ("no", "bf16"):
+        overrides = [
+            "model=tiny_sdxl", f"trainer.mixed_precision={precision}", "logger=none", f"data.dataset_dir={data}",
+            f"output_dir={tmp_path / precision}", "trainer.max_steps=1", "trainer.resume=never",
+            f"trainer.checkpoint_root={tmp_path / 'ckpt'}", f"trainer.cache_dir={tmp_path / 'cache'}", "lora.rank=4",
+        ]  # fmt: skip
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=overrides)
+        run(cfg)
+        assert (tmp_path / precision / "lora" / "pytorch_lora_weights.safetensors").is_file()
