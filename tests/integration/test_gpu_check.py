@@ -175,3 +175,30 @@ def test_oom_judge_fails_what_the_user_must_not_see(child, partial, why: str) ->
 def test_without_cuda_the_check_asks_for_the_cpu_dry_run(capsys: pytest.CaptureFixture[str]) -> None:
     assert gpu_check.main(["--tiny"]) == 2
     assert "--tiny --cpu is its CPU dry run" in capsys.readouterr().err
+
+
+def test_cuda_out_of_memory_while_loading_a_lora_gives_the_memory_advice(tmp_path: Path, monkeypatch) -> None:
+    # torch.OutOfMemoryError is a RuntimeError: it read as "is it a LoRA for this base model?".
+    import torch
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    from stylekit.errors import UsageError
+    from stylekit.inpaint import run as inpaint_run
+
+    def oom(*args, **kwargs) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB")
+
+    monkeypatch.setattr(StableDiffusionXLInpaintPipeline, "load_lora_weights", oom)
+    image, mask = gpu_check.edit_inputs(tmp_path, 64)
+    lora = tmp_path / "style.safetensors"
+    lora.write_bytes(b"")
+    overrides = ["model=tiny_sdxl", "prompt=a red scarf", f"image={image}", f"mask={mask}",
+                 f"output_dir={tmp_path / 'out'}", f"lora_weights={lora}"]  # fmt: skip
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="inpaint", overrides=overrides)
+    with pytest.raises(
+        UsageError,
+        match="CUDA ran out of memory loading lora_weights entry .*style.safetensors.*model.offload=model",
+    ):
+        inpaint_run.run(cfg)
+    assert not list((tmp_path / "out").glob("*.png"))
