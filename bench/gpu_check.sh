@@ -2,7 +2,7 @@
 # `make gpu-check`: bench/gpu_check.py on a CUDA machine in one command. With wheels in gpu-wheels/ (a machine
 # without our packages: `make gpu-wheels` here, then carry that folder there) they are installed into
 # /tmp/stylekit-site first; with a .venv (a workstation) that is used. Results go to $OUT when set (the device
-# machine hands that folder back), else to bench/. Extra arguments go to gpu_check.py (--budget-s, --cases...).
+# machine hands that folder back), else to bench/ (outputs/gpu_check_cpu/ for --cpu). Extra arguments go to gpu_check.py (--budget-s, --cases...).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 WANDB_MODE=offline PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
@@ -20,7 +20,8 @@ else
   fi
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-out=${OUT:-bench}
-mkdir -p "$out"
-nvidia-smi >"$out/nvidia-smi.txt" 2>&1 || true
-$PY -m bench.gpu_check --out-dir "$out" "$@"
+if [ -n "${OUT:-}" ]; then
+  nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || true
+  set -- --out-dir "$OUT" "$@"
+fi
+$PY -m bench.gpu_check "$@"
