@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help uv install test test-all lint format smoke bench demo deploy modal-check modal-clean clean
+.PHONY: help uv install test test-all lint format smoke bench gpu-wheels gpu-check demo deploy modal-check modal-clean clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -48,6 +48,12 @@ smoke: install ## One tiny run per family on CPU: train 2 steps, then inpaint th
 
 bench: install ## Benchmarks: ratios against a baseline measured in the same run
 	@if [ -d bench ]; then $(RUN) python -m bench; else echo "no benchmarks yet"; fi
+
+gpu-wheels: uv ## Wheels a network-less CUDA machine lacks (diffusers, hydra, bitsandbytes...) into gpu-wheels/
+	UV="$(UV)" PYTHON=$(PYTHON) bash bench/gpu_wheels.sh
+
+gpu-check: ## On a CUDA machine: bench/gpu_check.py (< 8 min) -> bench/GPU_RESULTS.md + gpu_results.json
+	bash bench/gpu_check.sh $(GPU_CHECK_ARGS)
 
 MODEL ?= tiny_flux
 DEMO_STEPS ?= 40

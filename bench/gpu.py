@@ -1,5 +1,6 @@
 """Real FLUX, SDXL and Qwen-Image-Edit on a CUDA machine: seconds per training step and per edit, and peak VRAM,
-at 512 and 1024 px, in bf16 and nf4. Writes a markdown table (bench/GPU_RESULTS.md) that the README links to.
+at 512 and 1024 px, in bf16 and nf4, with the hub weights. Writes a markdown table (bench/GPU_REAL_MODELS.md);
+bench/GPU_RESULTS.md is bench/gpu_check.py's (tiny and real-width shallow models, no hub access needed).
 
     python -m bench.gpu                                   # all families, 512 + 1024, bf16 + nf4
     python -m bench.gpu --families flux --sizes 1024 --modes nf4
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="512,1024")
     parser.add_argument("--modes", default="bf16,nf4")
     parser.add_argument("--tiny", action="store_true", help="the tiny models on CPU: checks this script runs")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "GPU_RESULTS.md")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "GPU_REAL_MODELS.md")
     args = parser.parse_args(argv)
     if not args.tiny and not torch.cuda.is_available():
         print(

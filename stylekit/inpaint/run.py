@@ -475,7 +475,9 @@ def _loras_applied(pipe: Any, loras: list[Lora], family: ModelFamily) -> Iterato
 def _load_lora(pipe: Any, lora: Lora, name: str, family: ModelFamily) -> None:
     why = None
     try:
-        pipe.load_lora_weights(str(lora.file.parent), weight_name=lora.file.name, adapter_name=name)
+        # Inside the RuntimeError catch: an out-of-memory error is one too, but says nothing about the file.
+        with _oom_as_usage_error(f"loading lora_weights entry {lora.given!r}"):
+            pipe.load_lora_weights(str(lora.file.parent), weight_name=lora.file.name, adapter_name=name)
     except (ValueError, KeyError, RuntimeError, OSError) as error:
         why = str(error).splitlines()[0][:200]
     # diffusers only warns when no key matches the model (a LoRA for another base model) and loads nothing.

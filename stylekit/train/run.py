@@ -630,13 +630,12 @@ def _png_bytes(image: Any) -> bytes:
 def _accelerator(mixed_precision: str, find_unused_parameters: bool = False, cpu: bool = False) -> Any:
     import torch
     from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.state import AcceleratorState
 
     cuda = torch.cuda.is_available() and not cpu
     # auto: bf16 autocast on CUDA, none on CPU; an explicit bf16/fp16 is honoured on CPU too (the precision tier
     # of the tests runs what a CUDA run runs).
     precision = mixed_precision if mixed_precision != "auto" else ("bf16" if cuda else "no")
-    from accelerate.state import AcceleratorState
-
     # One process may train several runs in turn (a sweep under Hydra's basic launcher, tests): accelerate keeps
     # the precision process-wide and refuses another, so a run asking for a different one starts afresh.
     shared = AcceleratorState._shared_state
