@@ -238,20 +238,30 @@ def _clip_text_config(tokenizer: Any, hidden_act: str, projection_dim: int = 32)
     )
 
 
-def _t5_encoder(tokenizer: Any, seed: int) -> Any:
+def _t5_encoder(
+    tokenizer: Any,
+    seed: int,
+    d_model: int = 32,
+    d_kv: int = 8,
+    d_ff: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    buckets: int = 8,
+    max_distance: int = 32,
+) -> Any:
     import torch
     from transformers import T5Config, T5EncoderModel
 
     # Gated-GELU feed-forward like T5 v1.1 / T5-XXL, which FLUX uses.
     config = T5Config(
         vocab_size=len(tokenizer),
-        d_model=32,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=32,
+        d_model=d_model,
+        d_kv=d_kv,
+        d_ff=d_ff,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        relative_attention_num_buckets=buckets,
+        relative_attention_max_distance=max_distance,
         feed_forward_proj="gated-gelu",
         is_encoder_decoder=False,
         tie_word_embeddings=False,
@@ -591,27 +601,10 @@ def _shallow_clip(tokenizer: Any, width: int, hidden_act: str, seed: int, projec
 
 def _shallow_t5(tokenizer: Any, seed: int) -> Any:
     """T5 encoder with T5-XXL's 4096-wide output (what FLUX's context embedder takes), one narrow layer."""
-    import torch
-    from transformers import T5Config, T5EncoderModel
-
-    config = T5Config(
-        vocab_size=len(tokenizer),
-        d_model=4096,
-        d_kv=64,
-        d_ff=_SHALLOW_FF,
-        num_layers=1,
-        num_heads=2,
-        relative_attention_num_buckets=32,
-        relative_attention_max_distance=128,
-        feed_forward_proj="gated-gelu",
-        is_encoder_decoder=False,
-        tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    return T5EncoderModel(config)
+    return _t5_encoder(
+        tokenizer, seed, d_model=4096, d_kv=64, d_ff=_SHALLOW_FF, num_layers=1, num_heads=2, buckets=32,
+        max_distance=128,
+    )  # fmt: skip
 
 
 def _shallow_qwen_vl(tokenizer: Any, seed: int) -> Any:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
+from pictures import captioned_images, picture
 from PIL import Image
 
 from stylekit.errors import UsageError
@@ -41,23 +42,9 @@ TOTAL = 6  # steps of the in-process runs; every step is checkpointed
 # ---- helpers ------------------------------------------------------------------------------------------------
 
 
-def _picture(seed: int, size: tuple[int, int] = (128, 96)) -> np.ndarray:
-    w, h = size
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w]
-    phase = rng.uniform(0, 6.28, 3)
-    rgb = np.stack([127 + 100 * np.sin(x * 0.05 * (1 + c) + y * 0.03 + phase[c]) for c in range(3)], axis=-1)
-    return np.clip(rgb + rng.normal(0, 10, rgb.shape), 0, 255).astype(np.uint8)
-
-
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("fault-data") / "images"
-    folder.mkdir()
-    for i in range(3):
-        Image.fromarray(_picture(i)).save(folder / f"img{i}.png")
-        (folder / f"img{i}.txt").write_text(f"a photo of sks cat number {i}")
-    return folder
+    return captioned_images(tmp_path_factory.mktemp("fault-data") / "images")
 
 
 def _train_settings(images: Path, root: Path, cache: Path, **extra: Any) -> dict[str, Any]:
@@ -248,7 +235,7 @@ def _inpaint_batch(folder: Path, count: int = 6) -> tuple[Path, Path]:
     images, masks = folder / "images", folder / "masks"
     images.mkdir(parents=True), masks.mkdir()
     for i in range(count):
-        Image.fromarray(_picture(10 + i)).save(images / f"img{i}.png")
+        Image.fromarray(picture(10 + i)).save(images / f"img{i}.png")
         mask = np.zeros((96, 128), np.uint8)
         mask[20 + i : 60 + i, 30:90] = 255
         Image.fromarray(mask).save(masks / f"img{i}.png")

@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from pictures import captioned_images, picture
 from PIL import Image
 
 from stylekit.train.checkpoint import is_complete
@@ -90,23 +90,9 @@ runpy.run_path(os.environ["PROBE_SCRIPT"], run_name="__main__")
 # ---- helpers ------------------------------------------------------------------------------------------------
 
 
-def _picture(seed: int, size: tuple[int, int] = (128, 96)) -> np.ndarray:
-    w, h = size
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w]
-    phase = rng.uniform(0, 6.28, 3)
-    rgb = np.stack([127 + 100 * np.sin(x * 0.05 * (1 + c) + y * 0.03 + phase[c]) for c in range(3)], axis=-1)
-    return np.clip(rgb + rng.normal(0, 10, rgb.shape), 0, 255).astype(np.uint8)
-
-
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("ddp-data") / "images"
-    folder.mkdir()
-    for i in range(3):
-        Image.fromarray(_picture(i)).save(folder / f"img{i}.png")
-        (folder / f"img{i}.txt").write_text(f"a photo of sks cat number {i}")
-    return folder
+    return captioned_images(tmp_path_factory.mktemp("ddp-data") / "images")
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +101,7 @@ def controls(images: Path) -> Path:
     folder = images.parent / "controls"
     folder.mkdir()
     for i in range(3):
-        Image.fromarray(_picture(100 + i)).save(folder / f"img{i}.png")
+        Image.fromarray(picture(100 + i)).save(folder / f"img{i}.png")
     return folder
 
 
