@@ -728,6 +728,14 @@ def _write_pipeline(name: str, folder: Path, seed: int) -> None:
     import torch
     from transformers.utils import logging as transformers_logging
 
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # transformers writes nothing from ranks > 0 of a running process group, which would publish a folder
+        # with empty text encoders to every later run: a rank that builds the folder builds it in its own process.
+        import subprocess
+
+        command = [sys.executable, "-m", "stylekit.models.tiny", name, str(folder), "--seed", str(seed)]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        return
     pipeline = _BUILDERS[name](seed)
     if name.startswith(SHALLOW_PREFIX):
         # Hundreds of millions of parameters: stored in bf16, the dtype the shallow tier runs in, to halve the

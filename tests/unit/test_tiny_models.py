@@ -358,3 +358,17 @@ def test_tiny_path_keeps_the_folder_another_process_published_first(
 def test_unknown_name_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="valid names: flux, flux_fill"):
         tiny.build("nope", tmp_path / "x")
+
+
+def test_a_rank_of_a_running_process_group_builds_a_complete_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under `accelerate launch` the first run may build the tiny folder inside a rank > 0, where transformers
+    saves nothing: the published folder must still hold every component's weights."""
+    import torch
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)
+    folder = tiny.build("flux", tmp_path / "flux")
+    for component in ("text_encoder", "text_encoder_2", "transformer", "vae"):
+        assert list((folder / component).glob("*.safetensors")), f"{component} has no weights"
