@@ -274,9 +274,6 @@ def _t5_encoder(
 
 
 def _qwen_text_encoder(tokenizer: Any, seed: int) -> Any:
-    import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
     token_ids = _qwen_token_ids(tokenizer)
     text_config = {
         "vocab_size": len(tokenizer),
@@ -304,6 +301,14 @@ def _qwen_text_encoder(tokenizer: Any, seed: int) -> Any:
         "window_size": 112,
         "fullatt_block_indexes": [1],
     }
+    return _qwen_vl(token_ids, text_config, vision_config, seed)
+
+
+def _qwen_vl(token_ids: dict[str, int], text_config: dict, vision_config: dict, seed: int) -> Any:
+    """Qwen2.5-VL from its text and vision settings, with the tokenizer's vision token ids."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
     config = Qwen2_5_VLConfig(
         text_config=text_config,
         vision_config=vision_config,
@@ -610,9 +615,6 @@ def _shallow_t5(tokenizer: Any, seed: int) -> Any:
 def _shallow_qwen_vl(tokenizer: Any, seed: int) -> Any:
     """Qwen2.5-VL with the 7B's text width (3584, 28 heads of 128, 4 KV heads, its mrope sections) in one
     layer, and a narrow vision tower that merges into that width."""
-    import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
     ids = _qwen_token_ids(tokenizer)
     text_config = {
         "vocab_size": len(tokenizer),
@@ -640,16 +642,7 @@ def _shallow_qwen_vl(tokenizer: Any, seed: int) -> Any:
         "window_size": 112,
         "fullatt_block_indexes": [0],
     }
-    config = Qwen2_5_VLConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_id=ids["image_token_id"],
-        video_token_id=ids["video_token_id"],
-        vision_start_token_id=ids["vision_start_token_id"],
-        vision_end_token_id=ids["vision_end_token_id"],
-    )
-    torch.manual_seed(seed)
-    return Qwen2_5_VLForConditionalGeneration(config)
+    return _qwen_vl(ids, text_config, vision_config, seed)
 
 
 def _shallow_flux_pipeline(seed: int, fill: bool) -> Any:

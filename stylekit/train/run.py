@@ -196,10 +196,12 @@ class Session:
         self.examples = [self._encode(s) for s in train_samples]
         self.val_examples = [self._encode(s) for s in val_samples]
         self.class_examples = [self._encode(s) for s in class_samples]
-        self.val_control = val_samples[0].control_pixels() if self.family.needs_control else None
+        # The control image validation samples edit (edit families), as the pipeline takes it.
+        self.val_control = _to_pil(val_samples[0].control_pixels()) if self.family.needs_control else None
         self.first_caption = train_samples[0].caption
         self.sample_size = train_samples[0].size
-        self.sampling_inputs = self._encode_sampling_prompts()
+        # Only the main process samples (validation grids, the final check).
+        self.sampling_inputs = self._encode_sampling_prompts() if self.accelerator.is_main_process else []
         log.info(
             "Encoded %d examples in %.1fs: cache %s (%s)",
             len(self.examples) + len(self.val_examples) + len(self.class_examples),
@@ -216,9 +218,10 @@ class Session:
         """The validation prompts' tensors (with their negatives), kept on the CPU until sampling."""
         import torch
 
-        control = _to_pil(self.val_control) if self.val_control is not None else None
         with torch.inference_mode():
-            encoded = [self.family.sampling_inputs(self.encoders, p, control) for p in self._prompts()]
+            encoded = [
+                self.family.sampling_inputs(self.encoders, p, self.val_control) for p in self._prompts()
+            ]
         return [{k: v.to("cpu") if hasattr(v, "to") else v for k, v in e.items()} for e in encoded]
 
     def _encode_shares(self, samples: list) -> None:
@@ -542,7 +545,6 @@ class Session:
 
         pipe.vae.to(self.runtime.device)
         pipe.set_progress_bar_config(disable=True)  # the training bar already says where the run is
-        control = _to_pil(self.val_control) if self.val_control is not None else None
         images = []
         # Autocast as in training: what the samples show is what the training steps computed.
         with torch.inference_mode(), self.accelerator.autocast():
@@ -550,7 +552,7 @@ class Session:
                 generator = torch.Generator(self.runtime.device).manual_seed(self.seed + i)
                 images.append(
                     self.family.sample(
-                        pipe, inputs, self.sample_size, self._sample_steps(), generator, control
+                        pipe, inputs, self.sample_size, self._sample_steps(), generator, self.val_control
                     )
                 )
         pipe.vae.to("cpu")

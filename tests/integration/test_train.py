@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from pictures import picture
 from PIL import Image
 
 from stylekit.train.lora_io import COMFY_NAME, WEIGHT_NAME, read_metadata
@@ -34,7 +35,6 @@ from stylekit.train.run import run
 ROOT = Path(__file__).resolve().parents[2]
 CONF = str(ROOT / "conf")
 SCRIPT = str(ROOT / "scripts" / "train.py")
-SIZE = (128, 96)  # width, height of the generated training images
 
 FAMILIES = ["tiny_flux", "tiny_sdxl", "tiny_qwen_edit"]
 TINY_NAMES = {"tiny_flux": "flux", "tiny_sdxl": "sdxl", "tiny_qwen_edit": "qwen_edit"}
@@ -43,20 +43,10 @@ TINY_NAMES = {"tiny_flux": "flux", "tiny_sdxl": "sdxl", "tiny_qwen_edit": "qwen_
 # ---- data --------------------------------------------------------------------------------------------------
 
 
-def _picture(seed: int) -> np.ndarray:
-    """A colour gradient with texture, different per seed."""
-    w, h = SIZE
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w]
-    phase = rng.uniform(0, 6.28, 3)
-    rgb = np.stack([127 + 100 * np.sin(x * 0.05 * (1 + c) + y * 0.03 + phase[c]) for c in range(3)], axis=-1)
-    return np.clip(rgb + rng.normal(0, 10, rgb.shape), 0, 255).astype(np.uint8)
-
-
 def _write_images(folder: Path, count: int, seed: int = 0, captions: bool = True) -> Path:
     folder.mkdir(parents=True)
     for i in range(count):
-        Image.fromarray(_picture(seed + i)).save(folder / f"img{i}.png")
+        Image.fromarray(picture(seed + i)).save(folder / f"img{i}.png")
         if captions:
             (folder / f"img{i}.txt").write_text(f"a photo of [trigger] cat number {i}")
     return folder
