@@ -6,7 +6,7 @@ python scripts/inpaint.py model=qwen_edit prompt="floral dress" image=photo.jpg 
 import hydra
 from omegaconf import DictConfig
 
-from stylekit.app import run_task
+from stylekit.app import one_line_composition_errors, run_task
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="inpaint")
@@ -15,4 +15,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_composition_errors():  # model=nope, a mistyped key: one line, exit code 2
+        main()

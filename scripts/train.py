@@ -7,7 +7,7 @@ python scripts/train.py -m lora.rank=4,8,16 optimizer.lr=1e-4,3e-4
 import hydra
 from omegaconf import DictConfig
 
-from stylekit.app import run_task
+from stylekit.app import one_line_composition_errors, run_task
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
@@ -16,4 +16,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_composition_errors():  # model=nope, a mistyped key: one line, exit code 2
+        main()

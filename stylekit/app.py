@@ -5,11 +5,14 @@ Kept free of torch/diffusers imports so `--help`, `--cfg job` and `--info` stay 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +75,73 @@ def _output_dir(cfg: DictConfig) -> str | None:
         return str(cfg.get("output_dir"))
     except Exception:  # an unresolvable ${hydra:...} outside a Hydra app
         return None
+
+
+def hydra_app(task: str) -> Callable[[], Any]:
+    """The command line of `task` for `stylekit finetune|inpaint` (what scripts/train.py does): Hydra's app on
+    conf/<task>.yaml, whose composition errors (`model=nope`, a mistyped key, an override that does not
+    parse) are one line and exit code 2, like every other usage error."""
+    import hydra
+
+    @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=task)
+    def main(cfg: DictConfig) -> Any:
+        return run_task(task, cfg)
+
+    def app() -> Any:
+        with one_line_composition_errors():
+            return main()
+
+    app.__doc__ = main.__doc__
+    return app
+
+
+@contextlib.contextmanager
+def one_line_composition_errors() -> Iterator[None]:
+    """While Hydra runs, its config composition errors print as one line and exit 2 (HYDRA_FULL_ERROR=1 keeps
+    Hydra's own report). Hydra reports every error through hydra._internal.utils.run_and_report and exits 1;
+    the wrapper sees the composition errors first. tests/unit/test_schema.py fails if Hydra changes this."""
+    from hydra._internal import utils as hydra_utils
+    from hydra.errors import ConfigCompositionException, OverrideParseException
+
+    report = hydra_utils.run_and_report
+
+    def run_and_report(func: Any) -> Any:
+        def guarded() -> Any:
+            try:
+                return func()
+            except (ConfigCompositionException, OverrideParseException) as error:
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                print(f"error: {composition_error_line(error)}", file=sys.stderr)
+                sys.exit(UsageError.exit_code)
+
+        return report(guarded)
+
+    hydra_utils.run_and_report = run_and_report
+    try:
+        yield
+    finally:
+        hydra_utils.run_and_report = report
+
+
+def composition_error_line(error: Exception) -> str:
+    """Hydra's multi-line composition error as one line naming the key or group and what is allowed."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    if isinstance(error, MissingConfigException) and error.missing_cfg_file and error.options is not None:
+        group, _, choice = error.missing_cfg_file.rpartition("/")
+        return f"{group}={choice} is not an option of {group}; pick one of: {', '.join(error.options)}"
+    cause = error.__cause__
+    parent = getattr(cause, "parent_node", None)
+    full_key = getattr(cause, "full_key", None)
+    if full_key and parent is not None and "not in struct" in str(cause):
+        where = full_key.rpartition(".")[0] or "the config"
+        known = ", ".join(str(k) for k in parent if k != "hydra")
+        return (
+            f"{full_key} is not a setting of {where}; its keys are: {known} (+{full_key}=... adds a new key)"
+        )
+    lines = [line.strip().rstrip(".") for line in str(error).splitlines()]
+    lines = [line for line in lines if line and "hydra.cc/docs" not in line]
+    if isinstance(error, OverrideParseException):
+        return f"an override does not parse ({'; '.join(lines)}); quote values with special characters: key='(a,b)'"
+    return "; ".join(lines)

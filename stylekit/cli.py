@@ -55,18 +55,6 @@ CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
 EDIT_STEPS = 50
 
 
-def _hydra_app(task: str) -> Any:
-    import hydra
-
-    from stylekit.app import conf_dir, run_task
-
-    @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=task)
-    def main(cfg: Any) -> Any:
-        return run_task(task, cfg)
-
-    return main
-
-
 def _config_file_overrides(path: Path) -> list[str]:
     """A YAML file of settings as overrides: `model: flux` picks a group option, nested keys set values."""
     from omegaconf import OmegaConf
@@ -116,12 +104,12 @@ def _override_value(value: Any) -> str:
 def _run(task: str, overrides: list[str]) -> None:
     from rich.console import Console
 
-    from stylekit.app import LAST_RUNS
+    from stylekit.app import LAST_RUNS, hydra_app
 
     console = Console(stderr=True, soft_wrap=True)
     sys.argv = [f"stylekit {task}", *overrides]
     try:
-        _hydra_app(task)()
+        hydra_app(task)()
     except UsageError as error:  # raised while building overrides, before Hydra runs
         console.print(f"error: {error}", markup=False)
         raise typer.Exit(2) from None

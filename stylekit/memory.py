@@ -23,11 +23,12 @@ from typing import Any
 
 from stylekit.errors import UsageError
 from stylekit.models import published
+from stylekit.schema import Model, Optimizer, choices
 
 GIB = 2**30
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-QUANTIZE = ("none", "nf4", "int8")
-OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
+QUANTIZE = choices(Model, "quantize")
+OPTIMIZERS = choices(Optimizer, "name")
 MODES = ("train", "inpaint", "inpaint_offload")
 
 # bitsandbytes' constants (bitsandbytes.functional.quantize_4bit, nn.Params4bit, optim.Optimizer2State).

@@ -29,7 +29,6 @@ Box = tuple[int, int, int, int]  # left, top, right, bottom in source pixels (PI
 Size = tuple[int, int]  # width, height
 RngLike = np.random.Generator | int | None
 
-MODES = ("resize", "tile")
 CROPS = ("center", "random")
 
 
@@ -59,26 +58,13 @@ class DataOptions:
     def from_cfg(cls, cfg: Any) -> DataOptions:
         if isinstance(cfg, DataOptions):
             return cfg
+        from stylekit import schema
+
         raw = {f.name: get_option(cfg, f.name, f.default) for f in fields(cls)}
-        if get_option(cfg, "crop") is None and get_option(cfg, "center_crop") is not None:
-            raw["crop"] = "center" if get_option(cfg, "center_crop") else "random"
-        if isinstance(raw["random_flip"], bool):
-            raw["random_flip"] = 0.5 if raw["random_flip"] else 0.0
-        _check_choice("mode", raw["mode"], MODES)
-        _check_choice("crop", raw["crop"], CROPS)
-        tile = raw["tile_size"]
-        return cls(
-            mode=raw["mode"],
-            crop=raw["crop"],
-            resolution=_number("resolution", raw["resolution"], int, 1, None),
-            random_flip=_number("random_flip", raw["random_flip"], float, 0.0, 1.0),
-            max_upscale=_number("max_upscale", raw["max_upscale"], float, 1.0, None),
-            tile_size=None if tile is None else _number("tile_size", tile, int, 1, None),
-            tile_overlap=_number("tile_overlap", raw["tile_overlap"], float, 0.0, 0.99),
-            uniform_threshold=_number("uniform_threshold", raw["uniform_threshold"], float, 0.0, 1.0),
-            repeats=_number("repeats", raw["repeats"], int, 1, None),
-            caption_dropout=_number("caption_dropout", raw["caption_dropout"], float, 0.0, 1.0),
-        )
+        # The same checks and messages as the run's config (stylekit.schema.Data), for callers that pass a
+        # mapping of data keys of their own.
+        checked = schema.section(schema.Data, raw, "data")
+        return cls(**{f.name: getattr(checked, f.name) for f in fields(cls)})
 
     def tile_px(self, multiple: int) -> tuple[int, int]:
         """(tile side, overlap) in pixels; the side must be a multiple of the model's granularity."""
@@ -89,27 +75,6 @@ class DataOptions:
                 f"data.tile_size={tile} is not a multiple of {multiple} for this model; use {fix}"
             )
         return tile, round(tile * self.tile_overlap)
-
-
-def _check_choice(key: str, value: Any, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise UsageError(f"data.{key}={value!r} is not one of {', '.join(choices)}; pick one of them")
-
-
-def _number(key: str, value: Any, kind: type, lo: float | None, hi: float | None) -> Any:
-    try:
-        number = kind(value)
-        valid = not isinstance(value, bool) and (kind is float or float(value) == number)
-    except (TypeError, ValueError):
-        valid = False
-    if valid and (lo is not None and number < lo or hi is not None and number > hi):
-        valid = False
-    if not valid:
-        bounds = f">= {lo:g}" if hi is None else f"in [{lo:g}, {hi:g}]"
-        raise UsageError(
-            f"data.{key}={value!r} must be {'an integer' if kind is int else 'a number'} {bounds}"
-        )
-    return number
 
 
 # --------------------------------------------------------------------------- buckets

@@ -40,7 +40,6 @@ from stylekit.inpaint.masks import (
     from_model,
     grow,
     min_crop_side,
-    parse_context,
     plan_crop,
     to_model,
 )
@@ -188,6 +187,9 @@ class Saver:
 
 def prepare(cfg: DictConfig) -> tuple[ModelFamily, Options, list[Job], int]:
     """Check the whole run; raise one UsageError listing every problem (one line each). No weights load."""
+    from stylekit import schema
+
+    schema.validate("inpaint", cfg)  # keys and values; what follows checks the files they name
     problems: list[str] = []
     opts = read_options(cfg, problems)
     family = _record(problems, lambda: build_family(cfg))
@@ -207,20 +209,19 @@ def prepare(cfg: DictConfig) -> tuple[ModelFamily, Options, list[Job], int]:
 def read_options(cfg: DictConfig, problems: list[str]) -> Options:
     mask_cfg = _value(cfg, "inpaint.mask") or {}
     context = _value(cfg, "inpaint.context")
+    seed = int(_value(cfg, "seed"))
     opts = Options(
-        prompt=str(_record(problems, lambda: _value(cfg, "prompt", required=True))),
+        prompt=str(_value(cfg, "prompt", required=True)),
         settings={key: _value(cfg, key) for key in SETTING_KEYS},
-        seeds=[],
+        seeds=[seed + i for i in range(_value(cfg, "num_images"))],
         output_dir=_output_dir(cfg, problems),
         loras=_record(problems, lambda: parse_loras(_value(cfg, "lora_weights"))) or [],
-        threshold=_number(problems, "inpaint.mask.threshold", mask_cfg.get("threshold", 0.5), float),
-        grow=_number(problems, "inpaint.mask.grow", mask_cfg.get("grow", 0), int),
-        feather=_number(problems, "inpaint.mask.feather", mask_cfg.get("feather", 0), int),
+        threshold=float(mask_cfg.get("threshold", 0.5)),
+        grow=int(mask_cfg.get("grow", 0)),
+        feather=int(mask_cfg.get("feather", 0)),
         resize=bool(mask_cfg.get("resize", False)),
         context=0.5 if context is None else context,
-        max_upscale=_number(
-            problems, "inpaint.max_upscale", _or(_value(cfg, "inpaint.max_upscale"), 4.0), float
-        ),
+        max_upscale=float(_or(_value(cfg, "inpaint.max_upscale"), 4.0)),
         pre_names=list(_value(cfg, "inpaint.preprocess") or []),
         post_names=list(_value(cfg, "inpaint.postprocess") or []),
         save_comparison=bool(_value(cfg, "save_comparison")),
@@ -229,27 +230,11 @@ def read_options(cfg: DictConfig, problems: list[str]) -> Options:
     steps = _record(problems, lambda: resolve_steps(opts.pre_names, opts.post_names))
     if steps:
         opts.pre_steps, opts.post_steps = steps
-    _record(problems, lambda: binarize(np.zeros((1, 1)), opts.threshold))
-    _record(problems, lambda: feather(np.zeros((1, 1), bool), opts.feather))
-    _record(problems, lambda: parse_context(opts.context))
-    if not opts.max_upscale >= 1.0:
-        problems.append(
-            f"inpaint.max_upscale={opts.max_upscale} must be >= 1 (how much a small crop may be enlarged)"
-        )
-    opts.seeds = _record(problems, lambda: _seeds(cfg)) or []
-    _record(problems, lambda: _check_settings(opts.settings))
     return opts
 
 
 def _or(value: Any, default: Any) -> Any:
     return default if value is None else value
-
-
-def _number(problems: list[str], key: str, value: Any, kind: type) -> Any:
-    if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and value != int(value)):
-        problems.append(f"{key}={value!r} must be a {'whole number' if kind is int else 'number'}")
-        return kind(0.5) if kind is float else 0
-    return kind(value)
 
 
 def build_family(cfg: DictConfig) -> ModelFamily:
@@ -296,32 +281,6 @@ def _lora_file(path: Path, given: str) -> Path:
     if not path.is_file():
         raise UsageError(f"lora_weights entry {given!r}: {path} does not exist; check the path")
     return path
-
-
-def _seeds(cfg: DictConfig) -> list[int]:
-    num_images, seed = _value(cfg, "num_images"), _value(cfg, "seed")
-    if not isinstance(num_images, int) or isinstance(num_images, bool) or num_images < 1:
-        raise UsageError(f"num_images={num_images} must be a whole number >= 1")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise UsageError(f"seed={seed} must be a whole number")
-    return [seed + i for i in range(num_images)]
-
-
-def _check_settings(settings: dict[str, Any]) -> None:
-    steps, strength = settings["num_inference_steps"], settings["strength"]
-    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
-        raise UsageError(f"num_inference_steps={steps} must be a whole number >= 1")
-    if strength is not None and (
-        not isinstance(strength, int | float) or isinstance(strength, bool) or not 0.0 < strength <= 1.0
-    ):
-        raise UsageError(
-            f"strength={strength} must be in (0, 1] (or null for the model's default); "
-            "1.0 repaints the masked region fully"
-        )
-    for key in ("guidance_scale", "true_cfg_scale"):
-        value = settings[key]
-        if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)):
-            raise UsageError(f"{key}={value!r} must be a number (or null for the model's default)")
 
 
 def _output_dir(cfg: DictConfig, problems: list[str]) -> Path:

@@ -34,9 +34,6 @@ JOINT_ATTENTION_TARGETS = (
     "add_v_proj",
     "to_add_out",
 )
-DTYPES = ("auto", "bf16", "fp16", "fp32")
-QUANTIZE = ("none", "nf4", "int8")
-OFFLOAD = ("none", "model", "sequential")
 
 
 @dataclass(frozen=True)
@@ -62,8 +59,6 @@ def resolve_runtime(dtype: str = "auto", device: str | None = None) -> Runtime:
     tests and smoke runs reach the dtype paths a CUDA run takes."""
     import torch
 
-    if dtype not in DTYPES:
-        raise UsageError(f"model.dtype={dtype!r} is not one of {', '.join(DTYPES)}")
     device = device or ("cuda" if cuda_available() else "cpu")
     by_name = {"auto": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     # Under several processes accelerate names each rank's CPU "cpu:<index>", which is still the CPU.
@@ -197,22 +192,8 @@ class ModelFamily:
     def __post_init__(self) -> None:
         if not self.pipeline:
             self.pipeline = next(iter(self.inpaint_pipeline_classes))
-        self._check_choice("pipeline", self.pipeline, tuple(self.inpaint_pipeline_classes))
-        self._check_choice("quantize", self.quantize, QUANTIZE)
-        self._check_choice("offload", self.offload, OFFLOAD)
-        self._check_choice("dtype", self.dtype, DTYPES)
-        if self.device is not None:
-            self._check_choice("device", self.device, ("cpu", "cuda"))
-        if self.resolution % self.resolution_multiple:
-            raise UsageError(
-                f"model.resolution={self.resolution} must be a multiple of {self.resolution_multiple} "
-                f"for {self.family}"
-            )
-
-    @staticmethod
-    def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-        if value not in allowed:
-            raise UsageError(f"model.{key}={value!r} is not one of: {', '.join(allowed)}")
+        # Values are checked by stylekit.schema (model.pipeline among inpaint_pipeline_classes, the dtype,
+        # resolution a multiple of resolution_multiple) before a family is built from a config.
 
     # ---- what to load -------------------------------------------------------------------------------------
     @property

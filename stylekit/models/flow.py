@@ -4,12 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from stylekit.errors import UsageError
-
 if TYPE_CHECKING:
     import torch
-
-TIMESTEP_SAMPLING = ("sigmoid", "logit_normal", "uniform")
 
 
 def sample_sigmas(
@@ -29,12 +25,6 @@ def sample_sigmas(
     """
     import torch
 
-    if method not in TIMESTEP_SAMPLING:
-        raise UsageError(
-            f"trainer.timestep_sampling={method!r} is not one of: {', '.join(TIMESTEP_SAMPLING)}"
-        )
-    if shift <= 0:
-        raise UsageError(f"trainer.shift={shift} must be > 0")
     if method == "uniform":
         sigmas = torch.rand(n, generator=generator)
     else:

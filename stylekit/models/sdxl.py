@@ -6,14 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from stylekit.errors import UsageError
 from stylekit.models import flow
 from stylekit.models.base import ModelFamily, module_dtype, prompt_kwargs
 
 if TYPE_CHECKING:
     import torch
-
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 @dataclass
@@ -29,13 +26,6 @@ class SDXLFamily(ModelFamily):
 
     # None: what the checkpoint's scheduler config says (epsilon for SDXL base 1.0).
     prediction_type: str | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES:
-            raise UsageError(
-                f"model.prediction_type={self.prediction_type!r} is not one of: {', '.join(PREDICTION_TYPES)}"
-            )
 
     # ---- training ---------------------------------------------------------------------------------------
     def load_encoders(self, runtime: Any = None, **components: Any) -> Any:

@@ -99,10 +99,6 @@ class CheckpointManager:
     """Saves checkpoints atomically under `root` and keeps the newest `keep` of them."""
 
     def __init__(self, root: Path, keep: int) -> None:
-        if keep < 1:
-            raise UsageError(
-                f"trainer.keep_checkpoints={keep}: keep at least 1 checkpoint so runs can resume"
-            )
         self.root = Path(root)
         self.keep = keep
         self.root.mkdir(parents=True, exist_ok=True)

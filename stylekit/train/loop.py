@@ -17,8 +17,6 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from stylekit.errors import UsageError
-
 log = logging.getLogger("stylekit.train")
 
 # Keys that do not change what is trained: a rerun differing only in these resumes the same checkpoints.
@@ -130,72 +128,6 @@ def gradient_checkpointing(trainer: DictConfig, family: Any) -> bool:
     """trainer.gradient_checkpointing, with `auto` meaning the family's default."""
     value = trainer.get("gradient_checkpointing", "auto")
     return bool(family.gradient_checkpointing_default) if value == "auto" else bool(value)
-
-
-def check_trainer_config(cfg: DictConfig) -> None:
-    """Reject bad numbers before anything heavy runs, naming the key."""
-    t = cfg.trainer
-    positive = {
-        "trainer.max_steps": t.max_steps,
-        "trainer.batch_size": t.batch_size,
-        "trainer.gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "trainer.checkpoint_every": t.checkpoint_every,
-        "trainer.keep_checkpoints": t.keep_checkpoints,
-        "trainer.validate_every": t.validate_every,
-    }
-    for key, value in positive.items():
-        if not isinstance(value, int) or value < 1:
-            raise UsageError(f"{key}={value} must be a positive integer")
-    # A typo like optimizer.lr=1e-4x must not surface as a ValueError traceback (or after the model loads).
-    numbers = (
-        ("seed", cfg.seed, int),
-        ("lora.rank", cfg.lora.rank, int),
-        ("optimizer.lr", cfg.optimizer.lr, float),
-        ("lora.alpha", cfg.lora.alpha, float),
-        ("lora.dropout", cfg.lora.dropout, float),
-        ("optimizer.weight_decay", cfg.optimizer.get("weight_decay", 0.0), float),
-        ("trainer.guidance", t.guidance, float),
-        ("trainer.noise_offset", t.noise_offset, float),
-        ("trainer.shift", t.shift, float),
-        ("trainer.max_grad_norm", t.max_grad_norm or 0.0, float),
-        ("trainer.prior_loss_weight", t.prior_loss_weight, float),
-        ("trainer.warmup_steps", t.warmup_steps, int),
-        ("trainer.logit_mean", t.get("logit_mean", 0.0), float),
-        ("trainer.logit_std", t.get("logit_std", 1.0), float),
-    )
-    for key, value, kind in numbers:
-        try:
-            kind(value)
-        except (TypeError, ValueError):
-            what = "a whole number" if kind is int else "a number"
-            raise UsageError(f"{key}={value} must be {what}") from None
-    if float(cfg.optimizer.lr) <= 0:
-        raise UsageError(f"optimizer.lr={cfg.optimizer.lr} must be > 0 (e.g. 1e-4)")
-    from stylekit.train.optim import OPTIMIZERS, SCHEDULES
-
-    if str(cfg.optimizer.name) not in OPTIMIZERS:
-        raise UsageError(f"optimizer.name={cfg.optimizer.name!r} is not one of: {', '.join(OPTIMIZERS)}")
-    if str(t.lr_scheduler) not in SCHEDULES:
-        raise UsageError(f"trainer.lr_scheduler={t.lr_scheduler!r} is not one of: {', '.join(SCHEDULES)}")
-    if int(cfg.lora.rank) < 1:
-        raise UsageError(f"lora.rank={cfg.lora.rank} must be a positive integer (e.g. 4, 16, 64)")
-    if not 0.0 <= float(cfg.lora.dropout) < 1.0:
-        raise UsageError(f"lora.dropout={cfg.lora.dropout} must be in [0, 1)")
-    if float(cfg.optimizer.get("weight_decay", 0.0)) < 0:
-        raise UsageError(f"optimizer.weight_decay={cfg.optimizer.weight_decay} must be >= 0")
-    betas = cfg.optimizer.get("betas", [0.9, 0.999])
-    if len(betas) != 2 or not all(isinstance(b, int | float) and 0 <= b < 1 for b in betas):
-        raise UsageError(f"optimizer.betas={list(betas)} must be two numbers in [0, 1), e.g. [0.9,0.999]")
-    if str(t.lora_format) not in ("diffusers", "comfyui"):
-        raise UsageError(f"trainer.lora_format={t.lora_format!r} is not one of: diffusers, comfyui")
-    if float(t.get("logit_std", 1.0)) <= 0:
-        raise UsageError(f"trainer.logit_std={t.logit_std} must be > 0 (e.g. 1.0)")
-    if t.get("gradient_checkpointing", "auto") not in ("auto", True, False):
-        raise UsageError(
-            f"trainer.gradient_checkpointing={t.gradient_checkpointing!r} is not one of: auto, true, false"
-        )
-    if t.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-        raise UsageError(f"trainer.mixed_precision={t.mixed_precision!r} is not one of: auto, no, bf16, fp16")
 
 
 class Timer:

@@ -4,20 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from stylekit.errors import UsageError
-
-OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
-SCHEDULES = ("constant", "linear", "cosine")
-
 
 def make_optimizer(params: list, opt: Any) -> Any:
     import torch
 
     name, lr = str(opt.name), float(opt.lr)
-    if name not in OPTIMIZERS:
-        raise UsageError(f"optimizer.name={name!r} is not one of: {', '.join(OPTIMIZERS)}")
-    if lr <= 0:
-        raise UsageError(f"optimizer.lr={opt.lr} must be > 0 (e.g. 1e-4; prodigy expects 1.0)")
     weight_decay = float(opt.get("weight_decay", 0.0))
     betas = tuple(opt.get("betas", (0.9, 0.999)))
     eps = float(opt.get("eps", 1e-8))
@@ -47,8 +38,6 @@ def make_schedule(optimizer: Any, trainer: Any) -> Any:
     from diffusers.optimization import get_scheduler
 
     name = str(trainer.lr_scheduler)
-    if name not in SCHEDULES:
-        raise UsageError(f"trainer.lr_scheduler={name!r} is not one of: {', '.join(SCHEDULES)}")
     warmup = int(trainer.warmup_steps)
     if name == "constant" and warmup:
         name = "constant_with_warmup"

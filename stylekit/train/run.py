@@ -24,10 +24,11 @@ def run(cfg: DictConfig) -> float:
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
+    from stylekit import schema
     from stylekit.data.dataset import dataset_hash, prepare_class_samples, prepare_samples
     from stylekit.train.checkpoint import check_resume
 
-    loop.check_trainer_config(cfg)
+    schema.validate("train", cfg)  # every bad key and value, one line each, before anything heavy
     check_resume(str(cfg.trainer.resume))  # a mistyped path fails before loading
     try:
         family = instantiate(cfg.model)

@@ -263,13 +263,13 @@ def test_cuda_out_of_memory_names_the_settings_to_try(scene, tmp_path: Path, mon
     [
         (["num_images=0"], "num_images=0 must be"),
         (["num_inference_steps=0"], "num_inference_steps=0 must be"),
-        (["strength=0"], r"strength=0 must be in \(0, 1\]"),
+        (["strength=0"], r"strength=0 must be a number in \(0, 1\]"),
         (["strength=1.5"], "strength=1.5 must be"),
         (["inpaint.preprocess=[sharpen]"], "unknown step 'sharpen'"),
         (["inpaint.postprocess=[revert_grayscale]"], "needs grayscale"),
-        (["inpaint.mask.feather=-1"], "feather=-1 must be >= 0"),
+        (["inpaint.mask.feather=-1"], "feather=-1 must be a whole number >= 0"),
         (["lora_weights=[/nonexistent/lora.safetensors]"], "lora_weights entry.*does not exist"),
-        (["model.pipeline=nope"], "model.pipeline='nope' is not one of"),
+        (["model.pipeline=nope"], "model.pipeline='nope' must be one of: edit_plus, edit_inpaint"),
     ],
 )
 def test_bad_settings_stop_before_the_model_loads(

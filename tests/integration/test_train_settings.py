@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
+from stylekit import schema
 from stylekit.errors import UsageError
 from stylekit.train import loop
 
@@ -52,7 +53,7 @@ def test_an_explicit_gradient_checkpointing_setting_wins_over_the_family_default
 def test_a_bad_gradient_checkpointing_value_is_a_usage_error() -> None:
     cfg = _compose("model=tiny_flux", "trainer.gradient_checkpointing=sometimes")
     with pytest.raises(UsageError, match="trainer.gradient_checkpointing='sometimes'"):
-        loop.check_trainer_config(cfg)
+        schema.validate("train", cfg)
 
 
 def test_a_default_flux_run_trains_with_gradient_checkpointing(
@@ -139,7 +140,7 @@ def test_logit_normal_sampling_follows_its_configured_mean_and_std() -> None:
 def test_a_non_positive_logit_std_is_a_usage_error() -> None:
     cfg = _compose("model=tiny_flux", "trainer.logit_std=0")
     with pytest.raises(UsageError, match="trainer.logit_std=0"):
-        loop.check_trainer_config(cfg)
+        schema.validate("train", cfg)
 
 
 # ---- a real model where it cannot run ------------------------------------------------------------------------

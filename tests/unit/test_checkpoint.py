@@ -112,11 +112,6 @@ def test_resolve_resume_modes_and_errors(tmp_path: Path) -> None:
         resolve_resume(str(saved), root)
 
 
-def test_keep_must_be_positive(tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match="trainer.keep_checkpoints"):
-        CheckpointManager(tmp_path, keep=0)
-
-
 def test_sigterm_sets_the_flag_and_handlers_are_restored() -> None:
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     with GracefulExit() as stop:

@@ -142,11 +142,10 @@ def test_null_tracker_writes_metrics_summary_and_images(tmp_path: Path) -> None:
     assert (tmp_path / "media" / "val_prompt_0" / "step-00000007-0.png").is_file()
 
 
-def test_disabled_mode_and_bad_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disabled_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A bad logger.backend or logger.mode never gets here: tests/unit/test_schema.py.
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert type(make_tracker({"backend": "wandb"}, tmp_path, {}, None)) is NullTracker
-    with pytest.raises(UsageError, match="logger.backend=tensorboard"):
-        make_tracker({"backend": "tensorboard"}, tmp_path, {}, None)
 
 
 def test_scrub_masks_secret_keys_and_env_values(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -190,8 +189,6 @@ def test_resolve_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_mode("offline") == "offline"
     with pytest.raises(UsageError, match="logger.mode=online"):
         resolve_mode("online")
-    with pytest.raises(UsageError, match="logger.mode=sometimes"):
-        resolve_mode("sometimes")
     (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password fake\n")
     assert resolve_mode("auto") == "online"
     (tmp_path / "netrc").unlink()

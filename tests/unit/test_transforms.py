@@ -291,9 +291,9 @@ def test_tile_size_off_the_model_grid_is_a_usage_error() -> None:
         build_samples([record(size=(300, 300))], {"mode": "tile", "tile_size": 100}, multiple=16, rng=0)
 
 
-def test_boolean_flags_are_accepted() -> None:
-    opts = DataOptions.from_cfg({"random_flip": True, "center_crop": False})
-    assert opts.random_flip == 0.5 and opts.crop == "random"
+def test_a_boolean_random_flip_means_half_the_samples() -> None:
+    assert DataOptions.from_cfg({"random_flip": True}).random_flip == 0.5
+    assert DataOptions.from_cfg({"random_flip": False}).random_flip == 0.0
 
 
 # --------------------------------------------------------------------------- what the encodings carry
