@@ -80,6 +80,7 @@ DAYS ?= 30
 modal-clean: install ## List runs/checkpoints/.inputs older than DAYS on the outputs volume (YES=1 removes)
 	$(RUN) stylekit modal clean --older-than $(DAYS) $(if $(YES),--yes)
 
-clean: ## Remove outputs, caches and the virtualenv
-	rm -rf outputs multirun .pytest_cache .ruff_cache .stylekit-cache .venv
+clean: ## Remove outputs (every run, LoRA and checkpoint in it), caches and the virtualenv
+	find outputs -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
+	rm -rf multirun .pytest_cache .ruff_cache .stylekit-cache .venv
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
