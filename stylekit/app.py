@@ -135,11 +135,9 @@ def composition_error_line(error: Exception) -> str:
     parent = getattr(cause, "parent_node", None)
     full_key = getattr(cause, "full_key", None)
     if full_key and parent is not None and "not in struct" in str(cause):
-        where = full_key.rpartition(".")[0] or "the config"
-        known = ", ".join(str(k) for k in parent if k != "hydra")
-        return (
-            f"{full_key} is not a setting of {where}; its keys are: {known} (+{full_key}=... adds a new key)"
-        )
+        from stylekit.schema import unknown_key_line
+
+        return unknown_key_line(full_key, [str(k) for k in parent if k != "hydra"])
     lines = [line.strip().rstrip(".") for line in str(error).splitlines()]
     lines = [line for line in lines if line and "hydra.cc/docs" not in line]
     if isinstance(error, OverrideParseException):

@@ -429,11 +429,7 @@ def _messages(
         key, field, owner = _locate(schema, item["loc"])
         name = ".".join((*prefix, *key))
         if item["type"] == "extra_forbidden":
-            section_name = ".".join((*prefix, *key[:-1])) or "the config"
-            known = ", ".join(_aliases_or_names(owner))
-            by_key.setdefault(name, []).append(
-                f"{name} is not a setting of {section_name}; its keys are: {known}"
-            )
+            by_key.setdefault(name, []).append(unknown_key_line(name, _aliases_or_names(owner)))
             continue
         if item["type"] == "missing" or (
             item.get("input") is None and field is not None and field.is_required()
@@ -453,6 +449,16 @@ def _messages(
             )
         by_key.setdefault(name, []).append(line)
     return [lines[0] for lines in by_key.values()]
+
+
+def unknown_key_line(full_key: str, known: list[str]) -> str:
+    """`trainer.max_step is not a setting of trainer (did you mean trainer.max_steps?); its keys are: ...`"""
+    import difflib
+
+    where, _, name = full_key.rpartition(".")
+    close = difflib.get_close_matches(name, known, n=1)
+    guess = f" (did you mean {where + '.' if where else ''}{close[0]}?)" if close else ""
+    return f"{full_key} is not a setting of {where or 'the config'}{guess}; its keys are: {', '.join(known)}"
 
 
 def _at(raw: Any, key: tuple[str, ...], default: Any) -> Any:

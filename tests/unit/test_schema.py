@@ -97,7 +97,8 @@ def test_data_schema_knows_every_data_key_and_nothing_more() -> None:
         ("model.max_sequence_length=1024", "model.max_sequence_length=1024 must be a whole number in [1, 512]"),
         ("model.inference.strength=0", "model.inference.strength=0 must be a number in (0, 1] or null (1.0 repaints the masked region fully)"),
         ("+trainer.typo=1", "trainer.typo is not a setting of trainer; its keys are: max_steps, batch_size,"),
-        ("+model.typo=1", "model.typo is not a setting of model; its keys are: _target_, pretrained,"),
+        ("+lora.rnk=8", "lora.rnk is not a setting of lora (did you mean lora.rank?); its keys are: rank, alpha,"),
+        ("+model.zzz=1", "model.zzz is not a setting of model; its keys are: _target_, pretrained,"),
     ],
 )  # fmt: skip
 def test_a_bad_train_value_is_one_line_naming_key_value_and_what_is_allowed(override: str, line: str) -> None:
@@ -215,7 +216,7 @@ def test_a_mapping_of_data_keys_gets_the_same_messages() -> None:
         ("trainer.typo=1", "trainer.typo is not a setting of trainer; its keys are: max_steps, batch_size,"),
         (
             "modl=flux",
-            "modl is not a setting of the config; its keys are: model, data, lora, optimizer, trainer,",
+            "modl is not a setting of the config (did you mean model?); its keys are: model, data, lora,",
         ),
         ("trainer.max_steps=[1", "an override does not parse (no viable alternative at input '[1')"),
     ],
