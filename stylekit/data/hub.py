@@ -158,12 +158,13 @@ def _folder_builder(path: Path, opts: HubOptions) -> str:
 
 
 def _load_hub(opts: HubOptions) -> datasets.Dataset:
+    import datasets
     from huggingface_hub import constants
 
     try:
         return _load_split(opts, opts.source, revision=opts.revision)
     except ConnectionError as error:
-        if constants.HF_HUB_OFFLINE:
+        if constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE:
             raise UsageError(
                 f"{opts.where} is not a local path and is not in the Hugging Face datasets cache, and "
                 "HF_HUB_OFFLINE=1 forbids downloading it: unset HF_HUB_OFFLINE to download it, or point "
