@@ -96,15 +96,28 @@ def _optional_str(value: Any) -> str | None:
 
 def load_rows(opts: HubOptions) -> datasets.Dataset:
     """The split's rows, from a local path when it exists, else from the hub. UsageError on any problem."""
+    _check_split_syntax(opts)
     local = Path(opts.source).expanduser()
     if local.exists():
         return _load_local(local, opts)
     if _looks_like_path(opts.source):
         raise UsageError(
-            f"{opts.where}: {local.absolute()} does not exist; point data.hf_dataset at a save_to_disk folder, parquet/arrow "
-            "file(s), an imagefolder, or a hub id like user/name"
+            f"{opts.where}: {local.absolute()} does not exist; point data.hf_dataset at a save_to_disk folder, "
+            "parquet/arrow file(s), an imagefolder, or a hub id like user/name"
         )
     return _load_hub(opts)
+
+
+def _check_split_syntax(opts: HubOptions) -> None:
+    import datasets
+
+    try:
+        datasets.ReadInstruction.from_spec(opts.split)
+    except (ValueError, AssertionError) as error:
+        raise UsageError(
+            f"data.split={opts.split}: not a split name or slice ({_first_line(error)}); use e.g. train, "
+            "train[:100] or train[:10%]"
+        ) from None
 
 
 def _looks_like_path(source: str) -> bool:
@@ -123,9 +136,7 @@ def _load_local(path: Path, opts: HubOptions) -> datasets.Dataset:
     if path.is_dir() and any((path / marker).is_file() for marker in SAVED_MARKERS):
         saved = datasets.load_from_disk(str(path))
         if isinstance(saved, datasets.DatasetDict):
-            if opts.split not in saved:
-                raise UsageError(_unknown_split(opts, list(saved)))
-            return saved[opts.split]
+            return _saved_split(saved, opts)
         if opts.split != "train":
             log.info(
                 "%s holds a single split (saved with save_to_disk); data.split=%s is not used",
@@ -142,6 +153,19 @@ def _load_local(path: Path, opts: HubOptions) -> datasets.Dataset:
             )
         return _load_split(opts, builder, data_files=str(path))
     return _load_split(opts, _folder_builder(path, opts), data_dir=str(path))
+
+
+def _saved_split(saved: datasets.DatasetDict, opts: HubOptions) -> datasets.Dataset:
+    """data.split of a saved DatasetDict, with the slices load_dataset accepts (`train[:100]`, `train+test`)."""
+    import datasets
+
+    instruction = datasets.ReadInstruction.from_spec(opts.split)  # its syntax is checked in load_rows
+    try:
+        parts = instruction.to_absolute({name: len(rows) for name, rows in saved.items()})
+    except ValueError:
+        raise UsageError(_unknown_split(opts, list(saved))) from None
+    pieces = [saved[part.splitname].select(range(part.from_, part.to)) for part in parts]
+    return pieces[0] if len(pieces) == 1 else datasets.concatenate_datasets(pieces)
 
 
 def _folder_builder(path: Path, opts: HubOptions) -> str:

@@ -167,6 +167,15 @@ def test_split_picks_the_rows_of_that_split(tmp_path: Path) -> None:
     for source in (tmp_path / "dict", tmp_path / "files"):
         assert [r.caption for r in records(source)] == ["train a", "train b"]
         assert [r.caption for r in records(source, split="test")] == ["held out"]
+        assert [r.caption for r in records(source, split="train[1:]")] == ["train b"]
+        assert [r.caption for r in records(source, split="test+train[:50%]")] == ["held out", "train a"]
+
+
+def test_a_malformed_split_is_one_line_before_anything_loads(tmp_path: Path) -> None:
+    assert error(tmp_path / "never-read", split="train[:") == (
+        "data.split=train[:: not a split name or slice (Unrecognized instruction format: train[:); use e.g. "
+        "train, train[:100] or train[:10%]"
+    )
 
 
 def test_imagefolder_images_are_read_in_place_with_their_captions_and_controls(
@@ -441,3 +450,51 @@ def test_the_data_keys_compose_with_their_defaults_and_stay_out_of_sweep_dir_nam
     }
     assert tile.data.caption_column is None and tile.data.control_column is None
     assert "data.hf_dataset" in tile.hydra.job.config.override_dirname.exclude_keys
+
+
+@pytest.mark.parametrize(
+    ("raised", "expected"),
+    [
+        (
+            ConnectionError("Couldn't reach 'user/photos' on the Hub (ConnectError)"),
+            "data.hf_dataset=user/photos: cannot reach the Hugging Face hub (Couldn't reach 'user/photos' on the "
+            "Hub (ConnectError)): check the network, or download the dataset where there is one and set "
+            "HF_HUB_OFFLINE=1",
+        ),
+        (
+            "Dataset 'user/photos' is a gated dataset on the Hub.",
+            "data.hf_dataset=user/photos is gated: accept its terms at https://huggingface.co/datasets/user/photos "
+            "with your account, then `hf auth login` or set HF_TOKEN",
+        ),
+        (
+            "Dataset 'user/photos' doesn't exist on the Hub or cannot be accessed.",
+            "data.hf_dataset=user/photos is neither a local path nor a dataset on the Hugging Face hub: check the id "
+            "or path (private datasets need HF_TOKEN)",
+        ),
+        (
+            "Revision 'v9' doesn't exist for dataset 'user/photos' on the Hub.",
+            "data.revision=v9 does not exist in https://huggingface.co/datasets/user/photos: use a branch, tag or "
+            "commit of it",
+        ),
+    ],
+    ids=["unreachable", "gated", "missing", "revision"],
+)
+def test_hub_access_problems_are_one_line_saying_what_to_do(
+    monkeypatch: pytest.MonkeyPatch, raised: Exception | str, expected: str
+) -> None:
+    from huggingface_hub import constants
+
+    if isinstance(raised, str):
+        raised = datasets.exceptions.DatasetNotFoundError(raised)
+    calls: list[tuple] = []
+
+    def load_dataset(*args: Any, **kwargs: Any) -> None:
+        calls.append((args, kwargs))
+        raise raised
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+
+    assert error("user/photos", revision="v9") == expected
+    assert calls == [(("user/photos",), {"split": "train", "revision": "v9"})]
