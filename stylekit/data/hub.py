@@ -96,10 +96,21 @@ def _optional_str(value: Any) -> str | None:
 
 def load_rows(opts: HubOptions) -> datasets.Dataset:
     """The split's rows, from a local path when it exists, else from the hub. UsageError on any problem."""
+    import datasets
+    import pyarrow
+
     _check_split_syntax(opts)
     local = Path(opts.source).expanduser()
     if local.exists():
-        return _load_local(local, opts)
+        if opts.revision:
+            log.info("data.revision=%s is for hub ids; not used for the local %s", opts.revision, local)
+        try:
+            return _load_local(local, opts)
+        except (OSError, ValueError, datasets.exceptions.DatasetsError, pyarrow.ArrowException) as error:
+            raise UsageError(
+                f"{opts.where}: cannot read {local} as a dataset ({_first_line(error)}); fix or re-save it "
+                "(Dataset.save_to_disk, to_parquet)"
+            ) from None
     if _looks_like_path(opts.source):
         raise UsageError(
             f"{opts.where}: {local.absolute()} does not exist; point data.hf_dataset at a save_to_disk folder, "

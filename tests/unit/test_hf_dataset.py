@@ -378,6 +378,18 @@ def test_a_folder_or_file_that_holds_no_dataset_says_so(tmp_path: Path) -> None:
     assert "is not a .arrow/.parquet file" in error(tmp_path / "rows.csv")
 
 
+def test_a_damaged_dataset_is_one_line_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "rows.parquet").write_text("not parquet")
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "state.json").write_text("{}")
+    for name in ("rows.parquet", "saved"):
+        message = error(tmp_path / name)
+        assert message.startswith(
+            f"data.hf_dataset={tmp_path / name}: cannot read {tmp_path / name} as a dataset ("
+        )
+        assert message.endswith("fix or re-save it (Dataset.save_to_disk, to_parquet)")
+
+
 def test_a_hub_id_offline_and_not_cached_is_one_line_saying_what_to_do() -> None:
     message = error("someone/not-downloaded")
     assert message.startswith("data.hf_dataset=someone/not-downloaded is not a local path")
