@@ -333,20 +333,24 @@ def materialize(value: dict[str, Any] | None, root: Path) -> tuple[Path, str] | 
     data, named = value.get("bytes"), value.get("path")
     if data:
         digest = hashlib.sha256(data).hexdigest()
-        target = root / digest[:2] / f"{digest[:32]}{_suffix(named, data)}"
+        # Named by content alone, so the same bytes get the same file (and dataset hash) from any dataset.
+        target = root / digest[:2] / f"{digest[:32]}{_suffix(data)}"
         if not target.is_file():
-            _write_atomically(target, data)
+            try:
+                _write_atomically(target, data)
+            except OSError as error:
+                raise UsageError(
+                    f"cannot write dataset images to {root} ({error.strerror or error}); set STYLEKIT_CACHE_DIR "
+                    "to a writable folder with free space"
+                ) from None
         return target, digest[:HASH_CHARS]
     if named and Path(named).is_file():
         return Path(named), file_hash(Path(named))
     return None
 
 
-def _suffix(named: str | None, data: bytes) -> str:
-    """The image's extension, from its name or else its header, so the cached file opens in any viewer."""
-    suffix = Path(named).suffix.lower() if named else ""
-    if suffix in IMAGE_EXTENSIONS:
-        return suffix
+def _suffix(data: bytes) -> str:
+    """The extension of the image format in the header, so the cached file opens in any viewer."""
     from PIL import Image
 
     try:
@@ -412,9 +416,11 @@ def scan_hf_dataset(
         where = f"{opts.where} (split {opts.split}, {len(rows)} rows)"
         raise UsageError(nothing_usable(where, ctx.stats, control_key="data.control_column"))
     if ctx.stats.uncaptioned:
+        where = f"nothing in column {caption_column!r}" if caption_column else "no caption column"
         log.warning(
-            "%d of %d rows of %s have no caption (no %s text, empty data.instance_prompt); they train unconditioned",
-            ctx.stats.uncaptioned, len(records), opts.where, caption_column or "caption column",
+            "%d of %d rows of %s have no caption (%s, empty data.instance_prompt); they train unconditioned; "
+            "set data.caption_column or data.instance_prompt",
+            ctx.stats.uncaptioned, len(records), opts.where, where,
         )  # fmt: skip
     return records
 

@@ -136,6 +136,32 @@ def test_caption_column_is_used_and_without_a_text_column_captions_come_from_the
     ]
 
 
+def test_rows_left_without_a_caption_are_counted_in_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = saved(tmp_path, {"image": [png(0), png(1), png(2)], "text": ["a cat", None, " "]})
+    with caplog.at_level(logging.WARNING):
+        assert [r.caption for r in records(source)] == ["a cat", "", ""]
+    (warning,) = [r.getMessage() for r in caplog.records if "no caption" in r.getMessage()]
+    assert warning.startswith(
+        f"2 of 3 rows of data.hf_dataset={source} have no caption (nothing in column 'text'"
+    )
+
+
+def test_cached_files_are_named_by_content_with_the_extension_of_their_format(
+    tmp_path: Path, own_caches: Path
+) -> None:
+    jpeg = io.BytesIO()
+    Image.new("RGB", (40, 40), (10, 20, 30)).save(jpeg, format="JPEG")
+    table = datasets.Dataset.from_dict({"image": [{"bytes": jpeg.getvalue(), "path": "photo.png"}]})
+    table.cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "saved"))
+
+    (record,) = records(tmp_path / "saved")
+
+    digest = hashlib.sha256(jpeg.getvalue()).hexdigest()
+    assert record.path == own_caches / digest[:2] / f"{digest[:32]}.jpg"
+
+
 def test_trigger_in_a_caption_without_data_trigger_names_the_row_and_column(tmp_path: Path) -> None:
     source = saved(tmp_path, {"image": [png(0), png(1)], "text": ["plain", "a [trigger] cat"]})
     message = error(source)
@@ -510,3 +536,14 @@ def test_hub_access_problems_are_one_line_saying_what_to_do(
 
     assert error("user/photos", revision="v9") == expected
     assert calls == [(("user/photos",), {"split": "train", "revision": "v9"})]
+
+
+def test_an_unwritable_cache_is_one_line_naming_stylekit_cache_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = saved(tmp_path, {"image": [png(0)]})
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("STYLEKIT_CACHE_DIR", str(tmp_path / "a-file" / "cache"))
+    message = error(source)
+    assert message.startswith(f"cannot write dataset images to {tmp_path / 'a-file' / 'cache' / 'images'} (")
+    assert message.endswith("set STYLEKIT_CACHE_DIR to a writable folder with free space")
