@@ -21,10 +21,10 @@ install: uv ## Install stylekit and its locked dependencies into .venv (uv sync 
 	$(UV) sync --frozen
 
 test: install ## Run the fast test suite (what CI runs): tiny models, CPU, offline
-	$(RUN) pytest -m "not slow and not gpu and not modal" -q
+	$(RUN) pytest -m "not slow and not gpu and not modal and not hub" -q
 
 test-all: install ## Run every test this machine can run, slow ones included
-	$(RUN) pytest -m "not gpu and not modal" -q
+	$(RUN) pytest -m "not gpu and not modal and not hub" -q
 
 lint: install ## ruff check + format check
 	$(RUN) ruff check .

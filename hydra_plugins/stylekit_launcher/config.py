@@ -12,6 +12,7 @@ BACKENDS = ("modal", "local")
 # volume (once per content) and the job sees the uploaded copy. "key=default": the path read when key is null.
 DEFAULT_INPUTS = [
     "data.dataset_dir",
+    "data.hf_dataset",  # a local dataset is uploaded; a hub id (no such local path) is left for the job to fetch
     "data.control_dir",
     "data.class_dir",
     "image=data/base_images",

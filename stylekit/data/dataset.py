@@ -4,6 +4,9 @@ Captions, first match wins: `<stem>.txt` next to the image, the image's `text` i
 `metadata.jsonl` (the Hugging Face imagefolder layout), then `data.instance_prompt`. `[trigger]` in any
 of them becomes `data.trigger`. Paired edit data takes its source image from `data.control_dir` (same
 stem) or from `control_file_name` in metadata.jsonl.
+
+When `data.hf_dataset` is set, the records come from that `datasets` dataset instead (stylekit.data.hub) and
+`data.dataset_dir` is not read; `prepare_samples` turns either kind of record into samples the same way.
 """
 
 from __future__ import annotations
@@ -316,7 +319,7 @@ def scan_images(
     _warn_orphan_metadata(root, metadata, files)
     records = [r for p in files if (r := _scan_one(p, ctx)) is not None]
     if not records:
-        raise UsageError(_nothing_usable(root, ctx.stats))
+        raise UsageError(nothing_usable(root, ctx.stats))
     if ctx.stats.uncaptioned:
         log.warning(
             "%d of %d images in %s have no caption (no .txt sidecar, no %s text, empty instance prompt); "
@@ -337,19 +340,30 @@ def _warn_orphan_metadata(root: Path, metadata: dict[str, MetadataEntry], files:
         )  # fmt: skip
 
 
-def _scan_one(path: Path, ctx: _ScanContext) -> ImageRecord | None:
-    stats = ctx.stats
-    stats.checked += 1
+def check_image(
+    path: Path, size_check: SizeCheck | None, stats: ScanStats, name: str | None = None
+) -> tuple[int, int] | None:
+    """The image's (w, h), or None after one warning (and a count in stats) when it is unreadable or too small.
+
+    name is what the warning calls the image (default: its path)."""
     try:
         size = load_rgb(path).size
     except UnreadableImageError as exc:
         stats.unreadable += 1
-        log.warning("skipping %s: unreadable (%s)", path, exc.reason)
+        log.warning("skipping %s: unreadable (%s)", name or path, exc.reason)
         return None
-    problem = ctx.size_check(*size) if ctx.size_check else None
+    problem = size_check(*size) if size_check else None
     if problem:
         stats.too_small += 1
-        log.warning("skipping %s: too small (%s)", path, problem)
+        log.warning("skipping %s: too small (%s)", name or path, problem)
+        return None
+    return size
+
+
+def _scan_one(path: Path, ctx: _ScanContext) -> ImageRecord | None:
+    ctx.stats.checked += 1
+    size = check_image(path, ctx.size_check, ctx.stats)
+    if size is None:
         return None
     rel = path.relative_to(ctx.root).as_posix()
     entry = ctx.metadata.get(rel)
@@ -358,7 +372,7 @@ def _scan_one(path: Path, ctx: _ScanContext) -> ImageRecord | None:
         return None
     caption, source = resolve_caption(path, entry, ctx.root / METADATA_FILE, ctx.instance_prompt)
     if caption is None:
-        stats.uncaptioned += 1
+        ctx.stats.uncaptioned += 1
     caption = apply_trigger(caption or "", ctx.trigger, source)
     return ImageRecord(path, caption, size, file_hash(path), control_path=control[0], control_hash=control[1])
 
@@ -411,6 +425,13 @@ def _attach_control(
     if control is None:
         ctx.stats.no_control += 1
         return None
+    warn_control_ratio(image, control, control_size, size)
+    return control, file_hash(control)
+
+
+def warn_control_ratio(
+    image: object, control: object, control_size: tuple[int, int], size: tuple[int, int]
+) -> None:
     # Samples resize the control to the image's size so the same crop box lands on the same content.
     ratio_gap = abs(np.log((control_size[0] / control_size[1]) / (size[0] / size[1])))
     if ratio_gap > 0.01:
@@ -418,13 +439,13 @@ def _attach_control(
             "%s: control %s is %dx%d, a different aspect ratio from the image's %dx%d; it will be stretched",
             image, control, *control_size, *size,
         )  # fmt: skip
-    return control, file_hash(control)
 
 
-def _nothing_usable(root: Path, stats: ScanStats) -> str:
+def nothing_usable(where: object, stats: ScanStats, control_key: str = "data.control_dir") -> str:
+    """The one-line error for a source (folder or dataset) none of whose images can be used."""
     if stats.checked == 0:
         exts = "/".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
-        return f"no usable training images in {root}: 0 image files found; add {exts} images there"
+        return f"no usable training images in {where}: 0 image files found; add {exts} images there"
     counts = (
         f"{stats.checked} files checked, {stats.unreadable} unreadable, {stats.too_small} too small, "
         f"{stats.no_control} without a control image"
@@ -435,9 +456,12 @@ def _nothing_usable(root: Path, stats: ScanStats) -> str:
     if stats.too_small:
         fixes.append("use larger images, lower data.resolution/data.tile_size or raise data.max_upscale")
     if stats.no_control:
-        fixes.append("give every image a control image in data.control_dir with the same file name")
+        if control_key == "data.control_dir":
+            fixes.append("give every image a control image in data.control_dir with the same file name")
+        else:
+            fixes.append(f"give every row a source image in {control_key}")
     return (
-        f"no usable training images in {root}: {counts}; {'; '.join(fixes)} (warnings above name each file)"
+        f"no usable training images in {where}: {counts}; {'; '.join(fixes)} (warnings above name each file)"
     )
 
 
@@ -469,7 +493,8 @@ def count_missing_class_images(class_dir: str | Path | None, num_class_images: i
 
 
 def prepare_samples(cfg_like: Any, *, multiple: int | None = None, seed: int | None = None) -> list[Sample]:
-    """Scan `data.dataset_dir` and build its training samples; meant to run before any model is loaded.
+    """Scan `data.hf_dataset` (when set) or `data.dataset_dir` and build its training samples; meant to run
+    before any model is loaded.
 
     cfg_like is the run config (with a `data` section) or the data section itself. multiple is the model
     family's pixel granularity (8 SDXL, 16 FLUX...); defaults to `data.multiple`, then 32.
@@ -478,28 +503,51 @@ def prepare_samples(cfg_like: Any, *, multiple: int | None = None, seed: int | N
     from stylekit.data import transforms
 
     data = data_section(cfg_like)
+    hf_dataset = get_option(data, "hf_dataset")
     dataset_dir = get_option(data, "dataset_dir")
-    if not dataset_dir:
-        raise UsageError("data.dataset_dir is not set; point it at a folder of training images")
+    if not hf_dataset and not dataset_dir:
+        raise UsageError(
+            "data.dataset_dir is not set; point it at a folder of training images (or set data.hf_dataset)"
+        )
     opts = transforms.DataOptions.from_cfg(data)
     multiple = int(multiple or get_option(data, "multiple", DEFAULT_MULTIPLE))
     if opts.mode == "tile":
         opts.tile_px(multiple)  # a tile_size off the model's grid is a config error: say so before scanning
-    records = scan_images(
-        dataset_dir,
-        instance_prompt=get_option(data, "instance_prompt", ""),
-        trigger=get_option(data, "trigger", ""),
-        control_dir=get_option(data, "control_dir"),
-        recursive=bool(get_option(data, "recursive", False)),
-        size_check=partial(transforms.size_problem, opts=opts, multiple=multiple),
-    )
+    size_check = partial(transforms.size_problem, opts=opts, multiple=multiple)
+    if hf_dataset:
+        records, source = _hf_records(data, size_check), f"data.hf_dataset={hf_dataset}"
+    else:
+        source = dataset_dir
+        records = scan_images(
+            dataset_dir,
+            instance_prompt=get_option(data, "instance_prompt", ""),
+            trigger=get_option(data, "trigger", ""),
+            control_dir=get_option(data, "control_dir"),
+            recursive=bool(get_option(data, "recursive", False)),
+            size_check=size_check,
+        )
     samples = transforms.build_samples(records, opts, multiple, _seed(cfg_like, seed))
     if not samples:
         raise UsageError(
-            f"no usable training samples in {dataset_dir}: every tile of {len(records)} images is near-uniform; "
+            f"no usable training samples in {source}: every tile of {len(records)} images is near-uniform; "
             f"lower data.uniform_threshold (now {opts.uniform_threshold:g})"
         )
     return samples
+
+
+def _hf_records(data: Any, size_check: SizeCheck) -> list[ImageRecord]:
+    """Records from data.hf_dataset, which replaces data.dataset_dir (ignored, with an info line)."""
+    from stylekit.data import hub
+
+    if get_option(data, "control_dir"):
+        raise UsageError(
+            "data.control_dir is for image folders; with data.hf_dataset name the dataset's source image column "
+            "with data.control_column (and set data.control_dir=null)"
+        )
+    dataset_dir = get_option(data, "dataset_dir")
+    if dataset_dir:
+        log.info("data.hf_dataset is set: training on it; data.dataset_dir=%s is not read", dataset_dir)
+    return hub.scan_hf_dataset(data, size_check=size_check)
 
 
 def prepare_class_samples(

@@ -39,7 +39,7 @@ def run(cfg: DictConfig) -> float:
     # Every data problem surfaces here, before any model is loaded.
     samples = prepare_samples(cfg, multiple=family.bucket_multiple, seed=int(cfg.seed))
     family.check_runnable("train")  # no GPU for a real model, or weights out of reach: one line, no download
-    samples = _with_controls(samples, family)
+    samples = _with_controls(samples, family, from_dataset=bool(cfg.data.get("hf_dataset")))
     train_samples, val_samples = _split_validation(samples, int(cfg.trainer.get("val_images", 1)))
     run_dir = Path(cfg.output_dir)
     _make_folders(cfg, run_dir)
@@ -82,11 +82,16 @@ def _make_folders(cfg: DictConfig, run_dir: Path) -> None:
             ) from None
 
 
-def _with_controls(samples: list, family: Any) -> list:
+def _with_controls(samples: list, family: Any, from_dataset: bool = False) -> list:
     if not family.needs_control:
         return samples
     paired = [s for s in samples if s.record.control_path is not None]
     if not paired:
+        if from_dataset:
+            raise UsageError(
+                f"{family.family} trains on pairs: name the column of data.hf_dataset holding each row's source "
+                "image with data.control_column"
+            )
         raise UsageError(
             f"{family.family} trains on pairs: put source images with the same file names in data.control_dir "
             "or name them with control_file_name in metadata.jsonl"

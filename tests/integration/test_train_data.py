@@ -115,6 +115,33 @@ def test_resuming_an_explicit_checkpoint_of_other_data_warns_that_it_does(tmp_pa
     assert f"{checkpoint} was trained on other data" in again.log
 
 
+# ---- a Hugging Face datasets dataset instead of a folder ------------------------------------------------------
+
+
+def test_a_saved_hf_dataset_trains_the_lora_its_folder_trains_from_the_same_cache(
+    tmp_path: Path, data: Data
+) -> None:
+    import datasets
+
+    photos = sorted(data.images.glob("*.png"))
+    rows = {
+        "image": [{"bytes": p.read_bytes(), "path": None} for p in photos],
+        "text": [p.with_suffix(".txt").read_text() for p in photos],
+    }
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image()).save_to_disk(str(saved))
+    # data.dataset_dir names a folder that does not exist: the run must not read it.
+    elsewhere = Data(images=tmp_path / "absent", controls=data.controls, single=data.single, cache=data.cache)
+
+    from_folder = train(tmp_path / "folder", data)
+    from_dataset = train(tmp_path / "dataset", elsewhere, data__hf_dataset=saved)
+
+    assert f"data.dataset_dir={elsewhere.images} is not read" in from_dataset.log
+    assert "for 2 steps (from 0)" in from_dataset.log
+    assert "0 encoded" in from_dataset.log  # every latent and prompt came from the folder run's cache entries
+    assert_same_tensors(load_lora(from_dataset.lora), load_lora(from_folder.lora))
+
+
 # ---- SDXL: 64 px buckets, real size/crop conditioning, fp32 VAE ----------------------------------------------
 
 SDXL_PHOTO = (150, 100)  # width, height: off every bucket, so the crop and the original size both matter
