@@ -1,4 +1,4 @@
-"""Shared test set-up: offline hub, offline W&B, tiny models cached once per checkout, CUDA/Modal markers."""
+"""Shared test set-up: offline hub, offline W&B, tiny models cached once per checkout, CUDA/Modal/hub markers."""
 
 from __future__ import annotations
 
@@ -31,6 +31,9 @@ def _has_modal_credentials() -> bool:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     skip_modal = pytest.mark.skip(reason="needs Modal credentials (modal token new)")
+    # Everything else runs offline; a test marked `hub` reaches the Hugging Face hub only when asked to.
+    skip_hub = pytest.mark.skip(reason="needs the Hugging Face hub: STYLEKIT_TEST_HUB=1 pytest -m hub")
+    hub = os.environ.get("STYLEKIT_TEST_HUB") == "1"
     cuda = modal = None
     for item in items:
         if "gpu" in item.keywords:
@@ -41,6 +44,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             modal = _has_modal_credentials() if modal is None else modal
             if not modal:
                 item.add_marker(skip_modal)
+        if "hub" in item.keywords and not hub:
+            item.add_marker(skip_hub)
 
 
 @pytest.fixture
