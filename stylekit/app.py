@@ -114,6 +114,14 @@ def one_line_composition_errors() -> Iterator[None]:
                     raise
                 print(f"error: {composition_error_line(error)}", file=sys.stderr)
                 sys.exit(UsageError.exit_code)
+            except Exception as error:
+                # A usage error raised inside Hydra's machinery (a launcher's settings, a sweep job's bad value)
+                # arrives wrapped in Hydra's own exception: it is still the user's one line.
+                usage = _usage_error_in(error)
+                if usage is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                print(f"error: {usage}", file=sys.stderr)
+                sys.exit(usage.exit_code)
 
         return report(guarded)
 
@@ -122,6 +130,17 @@ def one_line_composition_errors() -> Iterator[None]:
         yield
     finally:
         hydra_utils.run_and_report = report
+
+
+def _usage_error_in(error: BaseException) -> UsageError | None:
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, UsageError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def composition_error_line(error: Exception) -> str:

@@ -63,6 +63,7 @@ class ModalLauncher(Launcher):
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         jobs = [self._job(initial_job_idx + i, overrides) for i, overrides in enumerate(job_overrides)]
+        check_job_configs(jobs)  # a bad value in any job stops the launch before a container starts
         spec = self.image_spec()
         if self.conf.backend == "modal":
             for job in jobs:
@@ -150,6 +151,28 @@ class ModalLauncher(Launcher):
             returns.append(to_job_return(result, job))
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return returns
+
+
+def check_job_configs(jobs: list[Job]) -> None:
+    """Every job's config against stylekit's schema, here, before anything is uploaded or started: one
+    UsageError listing each job's problems, one line each."""
+    from stylekit import schema
+
+    problems = []
+    for job in jobs:
+        if job.task_name not in schema.SCHEMAS:
+            continue
+        task_config = OmegaConf.masked_copy(job.config, [k for k in job.config if k != "hydra"])
+        try:
+            schema.validate(str(job.task_name), task_config)
+        except UsageError as error:
+            where = " ".join(filter_overrides(job.overrides)) or "no overrides"
+            problems += [f"job #{job.index} ({where}): {line}" for line in str(error).splitlines()]
+    if problems:
+        extra = len(problems) - schema.MAX_LISTED
+        raise UsageError(
+            "\n".join(problems[: schema.MAX_LISTED] + ([f"... and {extra} more"] if extra > 0 else []))
+        )
 
 
 def _settings(params: dict[str, Any]) -> ModalLauncherConf:

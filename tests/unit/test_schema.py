@@ -252,3 +252,37 @@ def test_a_missing_config_message_is_rewritten_from_hydras_own_exception() -> No
         composition_error_line(caught.value)
         == "data=nope is not an option of data; pick one of: resize, tile"
     )
+
+
+def _exit_of(task: str, argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.setattr(sys, "argv", [f"stylekit {task}", *argv])
+    with pytest.raises(SystemExit) as caught:
+        hydra_app(task)()
+    captured = capsys.readouterr()
+    return caught.value.code, captured.err.strip().splitlines(), captured.out
+
+
+def test_a_modal_sweep_with_a_bad_job_stops_before_any_container(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["-m", "hydra/launcher=modal", "hydra.launcher.dry_run=true", f"hydra.sweep.dir={tmp_path}",
+            "model=tiny_flux", "lora.rank=0,4", "trainer.max_steps=2,0"]  # fmt: skip
+    code, lines, out = _exit_of("train", argv, monkeypatch, capsys)
+    assert code == 2
+    assert [line for line in lines if "#" in line and " must be " in line] == [
+        "error: job #0 (model=tiny_flux lora.rank=0 trainer.max_steps=2): lora.rank=0 must be a whole number >= 1 (e.g. 4, 16, 64)",
+        "job #1 (model=tiny_flux lora.rank=0 trainer.max_steps=0): lora.rank=0 must be a whole number >= 1 (e.g. 4, 16, 64)",
+        "job #1 (model=tiny_flux lora.rank=0 trainer.max_steps=0): trainer.max_steps=0 must be a whole number >= 1",
+        "job #3 (model=tiny_flux lora.rank=4 trainer.max_steps=0): trainer.max_steps=0 must be a whole number >= 1",
+    ]  # fmt: skip
+    assert "dry run" not in out  # the launch stopped before its plan
+
+
+def test_a_bad_launcher_setting_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["-m", "hydra/launcher=modal", "hydra.launcher.backend=nope", f"hydra.sweep.dir={tmp_path}"]
+    code, lines, _ = _exit_of("train", argv, monkeypatch, capsys)
+    assert code == 2 and lines[-1] == "error: hydra.launcher.backend='nope': expected one of modal, local"
+    assert not any("Traceback" in line for line in lines)
