@@ -111,7 +111,7 @@ class Data(Section):
 
 class Lora(Section):
     rank: Annotated[PositiveInt, Field(**_hint("e.g. 4, 16, 64"))] = 16
-    alpha: PositiveNumber = 16.0
+    alpha: Annotated[PositiveNumber, Field(**_hint("alpha = rank keeps the scale at 1"))] = 16.0
     dropout: _float(at.Ge(0), at.Lt(1)) = 0.0
     target_modules: list[str] | None = None
     target_regex: str | None = None

@@ -33,17 +33,10 @@ def attach_lora(denoiser: torch.nn.Module, lora: Any, family: ModelFamily) -> An
     """Add a trainable LoRA adapter to the frozen denoiser; returns the peft config used."""
     from peft import LoraConfig
 
-    if int(lora.rank) < 1:
-        raise UsageError(f"lora.rank={lora.rank} must be a positive integer (e.g. 4, 16, 64)")
-    if float(lora.alpha) <= 0:
-        raise UsageError(f"lora.alpha={lora.alpha} must be > 0 (alpha = rank keeps the scale at 1)")
+    # rank, alpha and target_regex were checked by stylekit.schema (Lora) before any model loaded.
     targets: Any = list(lora.target_modules) if lora.target_modules else family.lora_target_modules
     if lora.get("target_regex"):
         targets = str(lora.target_regex)
-        try:
-            re.compile(targets)
-        except re.error as error:
-            raise UsageError(f"lora.target_regex={targets!r} is not a valid regex: {error}") from error
     config = LoraConfig(
         r=int(lora.rank),
         lora_alpha=float(lora.alpha),

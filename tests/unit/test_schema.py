@@ -79,6 +79,7 @@ def test_data_schema_knows_every_data_key_and_nothing_more() -> None:
         ("optimizer.weight_decay=-1", "optimizer.weight_decay=-1 must be a number >= 0"),
         ("lora.rank=true", "lora.rank=true must be a whole number >= 1 (e.g. 4, 16, 64)"),
         ("lora.dropout=1", "lora.dropout=1 must be a number in [0, 1)"),
+        ("lora.alpha=0", "lora.alpha=0 must be a number > 0 (alpha = rank keeps the scale at 1)"),
         ("lora.target_regex='(a'", "lora.target_regex='(a': not a valid regular expression (missing ), unterminated subpattern at position 0)"),
         ("seed=abc", "seed='abc' must be a whole number"),
         ("data.crop=middle", "data.crop='middle' must be one of: center, random"),
