@@ -16,6 +16,7 @@ done: that paths exist, that files decode, that a resume checkpoint is there.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import cache
 from types import UnionType
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
@@ -234,6 +235,13 @@ def _family_model(family: type, **fields: Any) -> type[Model]:
     return schema
 
 
+class OtherModel(Model):
+    """A family stylekit does not ship (a `_target_` of your own): the shared keys are checked, its own pass."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+@cache
 def model_schemas() -> dict[str, type[Model]]:
     """`_target_` -> the model schema of each family stylekit ships."""
     from stylekit.models.flux import FluxFamily
@@ -337,7 +345,7 @@ def validate(task: str, cfg: DictConfig | Mapping[str, Any]) -> None:
     model_raw = raw.get("model")
     if isinstance(model_raw, Mapping):
         target = str(model_raw.get("_target_", ""))
-        schema = model_schemas().get(target, Model)
+        schema = model_schemas().get(target, OtherModel)
         model_problems, model_clean = _check(schema, model_raw, ("model",))
         problems += model_problems
         if clean is not None and model_clean is not None:

@@ -142,6 +142,13 @@ def test_a_bad_inpaint_value_is_one_line(override: str, line: str) -> None:
     assert problem.startswith(line), problem
 
 
+def test_a_family_of_your_own_gets_the_shared_checks_and_keeps_its_own_keys() -> None:
+    overrides = ["model._target_=my_models.Mine", "+model.my_knob=3"]
+    schema.validate("train", _compose("train", overrides))
+    (problem,) = _problems("train", [*overrides, "model.dtype=fp8"])
+    assert problem.startswith("model.dtype='fp8' must be one of: auto, bf16, fp16, fp32")
+
+
 def test_inpaint_needs_a_prompt() -> None:
     assert (
         _problems("inpaint", [])
