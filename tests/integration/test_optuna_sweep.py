@@ -82,6 +82,8 @@ def test_optuna_batches_go_through_the_launcher_with_job_numbers_that_go_on(
         rank, lr = int(params["lora.rank"]), float(params["optimizer.lr"])
         assert rank in RANKS and LR_RANGE[0] <= lr <= LR_RANGE[1]
         assert f"lora.rank={rank}" in job_dir.name and "model=tiny_flux" in job_dir.name
+        hydra_cfg = yaml.safe_load((job_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]
+        assert hydra_cfg["sweep"]["dir"] == str(sweep)  # one sweep dir: one W&B group (tracking.run_group)
         if not job_dir.name.startswith("1_"):
             losses.append((stand_in_loss(rank, lr), rank, lr))
     # The failed trial was recorded as failed and the study went on to its second batch.

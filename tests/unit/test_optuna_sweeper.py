@@ -101,6 +101,22 @@ def _task(cfg: Any) -> float:
     return float(cfg.x)
 
 
+def test_a_payload_composed_under_optuna_passes_the_image_check_and_runs(
+    launch: Callable[..., list[JobReturn]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from hydra.core.utils import JobStatus
+
+    from hydra_plugins.stylekit_launcher._modules import referenced_modules
+
+    seen = modal_fakes.install(monkeypatch, tmp_path / "volume")
+    volume = [f"hydra.launcher.volumes.outputs.path={tmp_path / 'volume'}", "hydra.launcher.gpu=none"]
+    returns = launch(_task, [["+x=1"], ["+x=2"]], "hydra/sweeper=optuna", *volume)
+    assert [r.status for r in returns] == [JobStatus.COMPLETED] * 2
+    assert [r.return_value for r in returns] == [1.0, 2.0]
+    # The shipped config holds the sweeper's node, so the check did look at the plugin's modules.
+    assert "hydra_plugins.hydra_optuna_sweeper.config" in referenced_modules(seen.shipped[0])
+
+
 def test_a_detached_launch_under_optuna_is_refused_before_anything_starts(
     launch: Callable[..., list[JobReturn]],
     monkeypatch: pytest.MonkeyPatch,
