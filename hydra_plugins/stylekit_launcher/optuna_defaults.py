@@ -2,8 +2,9 @@
 
 A file ``conf/hydra/sweeper/optuna.yaml`` cannot do this: it shadows the plugin's ConfigStore entry of the same
 name, and Hydra then refuses it ("automatically matched schema contains a defaults list"). So the entry is
-replaced by the plugin's dataclass with one more defaults entry, ``search: lora``, which merges
+replaced by the plugin's dataclass with one more defaults entry, ``optional search: lora``, which merges
 ``conf/hydra/sweeper/search/lora.yaml`` (search space, trial counts, sampler seed) over the plugin's values.
+Optional: a Hydra app without our conf/ in its search path gets the plugin's own defaults, unchanged.
 
 When: Hydra's plugin scan executes every plugin module again, in an order that follows ``sys.path``, so the
 Optuna plugin's own registration may run after ours. Hydra builds its config search path only after that scan,
