@@ -35,8 +35,10 @@ class Finished:
 def write_manifest(
     sweep_dir: Path, jobs: list[Job], calls: list[Any], volume: str, mount: str, app: str
 ) -> Path:
-    entries = [
-        {
+    """Add this launch's jobs to the sweep dir's manifest. A sweeper that launches in batches (Optuna) calls the
+    launcher once per batch with the same sweep dir: earlier batches' entries stay, so collect sees every job."""
+    entries = {
+        job.index: {
             "index": job.index,
             "overrides": job.overrides,
             "call_id": getattr(call, "object_id", None),
@@ -44,9 +46,12 @@ def write_manifest(
             "local_dir": str(job.local_dir),
         }
         for job, call in zip(jobs, calls, strict=True)
-    ]
+    }
     path = sweep_dir / MANIFEST
-    payload = {"app": app, "volume": volume, "mount": mount, "jobs": entries}
+    earlier = json.loads(path.read_text()).get("jobs", []) if path.is_file() else []
+    kept = [entry for entry in earlier if entry.get("index") not in entries]
+    merged = sorted([*kept, *entries.values()], key=lambda entry: entry["index"])
+    payload = {"app": app, "volume": volume, "mount": mount, "jobs": merged}
     atomic_write_text(path, json.dumps(payload, indent=1))
     return path
 

@@ -61,6 +61,13 @@ class ModalLauncher(Launcher):
         setup_globals()
         assert self.config is not None and self.hydra_context is not None and self.task_function is not None
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        sweeper = _result_reading_sweeper(self.config)
+        if sweeper and self.conf.detach:
+            raise UsageError(
+                f"hydra.launcher.detach=true returns before the jobs finish, but hydra/sweeper={sweeper} chooses "
+                "each batch of trials from the previous batch's results: drop detach (Ctrl-C still copies back "
+                "every finished job)"
+            )
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         jobs = [self._job(initial_job_idx + i, overrides) for i, overrides in enumerate(job_overrides)]
         check_job_configs(jobs)  # a bad value in any job stops the launch before a container starts
@@ -72,6 +79,11 @@ class ModalLauncher(Launcher):
             from hydra_plugins.stylekit_launcher._plan import describe
 
             print(describe(jobs, self.conf, spec))
+            if sweeper:  # its next batch depends on results a dry run does not produce
+                print(
+                    f"Dry run: hydra/sweeper={sweeper} picks each next batch from this one's results; stopping here."
+                )
+                raise SystemExit(0)
             return [_dry_return(job) for job in jobs]
         log.info("Launching %d job(s) with backend=%s", len(jobs), self.conf.backend)
         if self.conf.backend == "local":
@@ -184,6 +196,17 @@ def _settings(params: dict[str, Any]) -> ModalLauncherConf:
     if conf.backend not in BACKENDS:
         raise UsageError(f"hydra.launcher.backend={conf.backend!r}: expected one of {', '.join(BACKENDS)}")
     return conf
+
+
+def _result_reading_sweeper(config: DictConfig) -> str | None:
+    """The name of a sweeper that reads each batch's results to choose the next (Optuna), else None.
+
+    Hydra's basic sweeper fixes every job up front; any other sweeper is assumed to need the results."""
+    target = str(OmegaConf.select(config, "hydra.sweeper._target_", default="") or "")
+    if not target or target.endswith(".BasicSweeper"):
+        return None
+    choices = OmegaConf.select(config, "hydra.runtime.choices", default=None) or {}
+    return str(choices.get("hydra/sweeper") or target.rsplit(".", 1)[-1])
 
 
 def _dry_return(job: Job) -> JobReturn:

@@ -41,6 +41,7 @@ def run(cfg: DictConfig) -> float:
     family.check_runnable("train")  # no GPU for a real model, or weights out of reach: one line, no download
     samples = _with_controls(samples, family, from_dataset=bool(cfg.data.get("hf_dataset")))
     train_samples, val_samples = _split_validation(samples, int(cfg.trainer.get("val_images", 1)))
+    val_samples = _validation_views(val_samples, samples, cfg.data, family.bucket_multiple)
     run_dir = Path(cfg.output_dir)
     _make_folders(cfg, run_dir)
     session = Session(cfg, family, run_dir)
@@ -52,6 +53,7 @@ def run(cfg: DictConfig) -> float:
             session.identify(dataset_hash({s.record for s in [*samples, *class_samples]}))
             session.encode(train_samples, val_samples, class_samples)
             loss = session.train()
+            _check_finite(loss, cfg)
             session.finish(dataset_hash({s.record for s in samples}))
             return loss
     except Exception as error:
@@ -106,11 +108,46 @@ def _split_validation(samples: list, val_images: int) -> tuple[list, list]:
     """Hold out the last `val_images` images when there are enough to spare; else validate on training ones."""
     images = sorted({str(s.record.path) for s in samples})
     if val_images < 1 or len(images) < max(8, 4 * val_images):
+        if val_images >= 1:
+            log.warning(
+                "No held-out validation images (trainer.val_images=%d needs %d or more images, found %d): the "
+                "validation loss is measured on training images and rewards overfitting",
+                val_images, max(8, 4 * val_images), len(images),
+            )  # fmt: skip
         return samples, samples[: max(1, min(4, len(samples)))]
     held = set(images[-val_images:])
     return [s for s in samples if str(s.record.path) not in held], [
         s for s in samples if str(s.record.path) in held
     ]
+
+
+def _validation_views(val_samples: list, samples: list, data_cfg: Any, multiple: int) -> list:
+    """The validation images as the same views in every run: centre crop, no flip, full caption, one repeat.
+
+    Training samples draw crops, flips and caption dropout from `seed`; validation must not, or trials of a
+    sweep would score different pictures. A view that equals a training sample is that sample (encoded once).
+    """
+    from dataclasses import replace
+
+    from stylekit.data import transforms
+
+    opts = replace(transforms.DataOptions.from_cfg(data_cfg), crop="center", random_flip=0.0, caption_dropout=0.0,
+                   repeats=1)  # fmt: skip
+    records = list({id(s.record): s.record for s in val_samples}.values())
+    views = transforms.build_samples(records, opts, multiple, rng=0)[: len(val_samples)]
+    existing = {sample: sample for sample in samples}
+    return [existing.get(view, view) for view in views]
+
+
+def _check_finite(loss: float, cfg: DictConfig) -> None:
+    """A NaN or infinite validation loss is a failed run: a sweeper cannot rank it, and its LoRA is broken."""
+    import math
+
+    if not math.isfinite(loss):
+        raise UsageError(
+            f"training diverged: the validation loss is {loss} (optimizer.lr={cfg.optimizer.get('lr')}, "
+            f"lora.rank={cfg.lora.rank}); lower optimizer.lr"
+        )
 
 
 class Session:
