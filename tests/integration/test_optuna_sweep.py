@@ -110,6 +110,20 @@ def test_a_command_line_range_replaces_the_shipped_one_and_a_fixed_value_is_not_
         assert "lora.rank=16" in yaml.safe_load(overrides.read_text())
 
 
+def test_a_study_in_sqlite_storage_goes_on_where_the_last_sweep_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hydra_process_state: None
+) -> None:
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    monkeypatch.chdir(tmp_path)
+    for sweep in ("first", "second"):
+        _run_app(monkeypatch, "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=1",
+                 f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={tmp_path / sweep}", "logger=none")  # fmt: skip
+    study = optuna.load_study(study_name="stylekit_lora", storage=storage)
+    assert len(study.trials) == 4  # the second sweep added its 2 trials to the first one's
+
+
 # ---- scripts/train.py, real trainings ---------------------------------------------------------------------------
 
 
