@@ -133,19 +133,46 @@ def one_line_composition_errors() -> Iterator[None]:
 
 
 def _usage_error_in(error: BaseException) -> UsageError | None:
+    """The UsageError Hydra wrapped (`raise ... from`), if that is what this is. Only explicit causes count: a
+    crash while handling a usage error is a crash, with its traceback."""
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         if isinstance(current, UsageError):
             return current
         seen.add(id(current))
-        current = current.__cause__ or current.__context__
+        current = current.__cause__
     return None
+
+
+_MISSING = object()
+
+
+def _options_with_key(full_key: str) -> list[str]:
+    """The options of the key's config group whose yaml sets it (data.tile_size: tile)."""
+    from omegaconf import OmegaConf
+
+    group, _, key = full_key.partition(".")
+    folder = conf_dir() / group
+    if not key or not folder.is_dir():
+        return []
+    found = []
+    for option in sorted(folder.glob("*.yaml")):
+        try:
+            node: Any = OmegaConf.to_container(OmegaConf.load(option), resolve=False)
+        except Exception:  # a yaml that does not load is Hydra's to report
+            continue
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) and part in node else _MISSING
+        if node is not _MISSING:
+            found.append(option.stem)
+    return found
 
 
 def composition_error_line(error: Exception) -> str:
     """Hydra's multi-line composition error as one line naming the key or group and what is allowed."""
     from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import OmegaConfBaseException
 
     if isinstance(error, MissingConfigException) and error.missing_cfg_file and error.options is not None:
         group, _, choice = error.missing_cfg_file.rpartition("/")
@@ -156,8 +183,16 @@ def composition_error_line(error: Exception) -> str:
     if full_key and parent is not None and "not in struct" in str(cause):
         from stylekit.schema import unknown_key_line
 
+        options = _options_with_key(full_key)
+        if options:
+            group = full_key.split(".", 1)[0]
+            picks = " or ".join(f"{group}={option}" for option in options)
+            return f"{full_key} is a setting of {picks} only; add {picks.split(' or ')[0]} to use it"
         return unknown_key_line(full_key, [str(k) for k in parent if k != "hydra"])
     lines = [line.strip().rstrip(".") for line in str(error).splitlines()]
+    if isinstance(cause, OmegaConfBaseException):
+        # Hydra prints the reason (a value of the wrong type) on a line of its own: keep it.
+        lines += [str(cause).splitlines()[0].strip().rstrip(".")] if str(cause).strip() else []
     lines = [line for line in lines if line and "hydra.cc/docs" not in line]
     if isinstance(error, OverrideParseException):
         return f"an override does not parse ({'; '.join(lines)}); quote values with special characters: key='(a,b)'"

@@ -21,7 +21,7 @@ from types import UnionType
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import annotated_types as at
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, read_write
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 
@@ -171,7 +171,7 @@ class Trainer(Section):
     logit_mean: Number = 0.0
     logit_std: Annotated[PositiveNumber, Field(**_hint("e.g. 1.0"))] = 1.0
     shift: PositiveNumber = 1.0
-    snr_gamma: PositiveNumber | None = None
+    snr_gamma: Annotated[NonNegativeNumber | None, Field(**_hint("0 or null: off; 5.0 is usual"))] = None
     noise_offset: NonNegativeNumber = 0.0
 
 
@@ -181,7 +181,7 @@ class Logger(Section):
     entity: str | None = None
     mode: Literal["auto", "online", "offline"] = "auto"
     group: str | None = None
-    tags: list[str] = Field(default_factory=list)
+    tags: list[str] | None = Field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- models
@@ -286,8 +286,11 @@ class InpaintOptions(Section):
         _no_bool(value)
         try:
             parse_context(value)
-        except UsageError as error:
-            raise ValueError(str(error).split(" must be ", 1)[-1]) from None
+        except UsageError as error:  # its message starts with the key and value, which the line adds itself
+            text = str(error)
+            for given in (f"inpaint.context={value!r} ", f"inpaint.context={value} "):
+                text = text.removeprefix(given)
+            raise ValueError(text) from None
         return value
 
 
@@ -340,7 +343,7 @@ SCHEMAS: dict[str, type[Section]] = {"train": TrainConfig, "inpaint": InpaintCon
 def validate(task: str, cfg: DictConfig | Mapping[str, Any]) -> None:
     """Check the composed config of `task`; one UsageError lists every problem. Normalized values are written
     back into `cfg`."""
-    raw = _plain(cfg)
+    raw = {k: v for k, v in _plain(cfg).items() if k != "hydra"}  # a config composed with Hydra's own node
     problems, clean = _check(SCHEMAS[task], raw, ())
     model_raw = raw.get("model")
     if isinstance(model_raw, Mapping):
@@ -351,11 +354,17 @@ def validate(task: str, cfg: DictConfig | Mapping[str, Any]) -> None:
         if clean is not None and model_clean is not None:
             clean["model"] = model_clean
     if problems:
-        problems = list(dict.fromkeys(problems))
-        extra = len(problems) - MAX_LISTED
-        raise UsageError("\n".join(problems[:MAX_LISTED] + ([f"... and {extra} more"] if extra > 0 else [])))
+        raise UsageError(listed(problems))
     if clean is not None and isinstance(cfg, DictConfig):
-        _write_back(cfg, raw, clean, ())
+        with read_write(cfg):
+            _write_back(cfg, raw, clean, ())
+
+
+def listed(problems: list[str]) -> str:
+    """Problems as the lines of one error, duplicates dropped, cut to fit a screen."""
+    problems = list(dict.fromkeys(problems))
+    extra = len(problems) - MAX_LISTED
+    return "\n".join(problems[:MAX_LISTED] + ([f"... and {extra} more"] if extra > 0 else []))
 
 
 def section(schema: type[Section], values: Mapping[str, Any], prefix: str) -> Section:
@@ -400,7 +409,8 @@ def _write_back(
     cfg: DictConfig, raw: Mapping[str, Any], clean: Mapping[str, Any], path: tuple[str, ...]
 ) -> None:
     """Set the keys whose checked value differs from what was given (a number where text is meant, a flag
-    where a probability is); keys the config lacks stay absent, interpolations that resolve equal stay."""
+    where a probability is): such a key holds the clean value from now on, even where it was an
+    interpolation. Keys the config lacks stay absent; keys whose value is already clean are left alone."""
     for key, given in raw.items():
         if key not in clean:
             continue
@@ -412,6 +422,8 @@ def _write_back(
 
 
 def _differs(given: Any, value: Any) -> bool:
+    if isinstance(given, bool) is not isinstance(value, bool):
+        return True  # False == 0.0 in Python, but a flag where a number belongs must be replaced
     if isinstance(value, tuple | list) and isinstance(given, list | tuple):
         return len(given) != len(value) or any(_differs(g, v) for g, v in zip(given, value, strict=True))
     return (
@@ -439,8 +451,10 @@ def _messages(
         if item["type"] == "extra_forbidden":
             by_key.setdefault(name, []).append(unknown_key_line(name, _aliases_or_names(owner)))
             continue
-        if item["type"] == "missing" or (
-            item.get("input") is None and field is not None and field.is_required()
+        whole_key = len(key) == len(item["loc"])  # not an element of a list or tuple
+        if whole_key and (
+            item["type"] == "missing"
+            or (item.get("input") is None and field is not None and field.is_required())
         ):
             hint = _extra(field, "hint")
             by_key.setdefault(name, []).append(f"{name} is required" + (f"; {hint}" if hint else ""))
@@ -449,8 +463,11 @@ def _messages(
         allowed = _extra(field, "allowed")
         reason = str(item["msg"]).removeprefix("Value error, ") if item["type"] == "value_error" else ""
         hint = _extra(field, "hint")
-        if reason and not allowed and reason != NOT_A_NUMBER:
-            line = f"{name}={_show(value)}: {reason}"
+        if reason and reason != NOT_A_NUMBER:
+            # The validator's own reason says more than the type (a regex that does not compile, a factor
+            # past its maximum).
+            sep = " " if reason.startswith(("must ", "is ")) else ": "
+            line = f"{name}={_show(value)}{sep}{reason}"
         else:
             line = f"{name}={_show(value)} must be {allowed or _describe(field)}" + (
                 f" ({hint})" if hint else ""
@@ -540,7 +557,9 @@ def _show(value: Any) -> str:
         return "null"
     if isinstance(value, Mapping):
         return "{...}"
-    return str(list(value) if isinstance(value, tuple) else value)
+    if isinstance(value, list | tuple):  # as it would be typed: [to_q, null]
+        return "[" + ", ".join(v if isinstance(v, str) else _show(v) for v in value) + "]"
+    return str(value)
 
 
 def _describe(field: FieldInfo | None) -> str:
@@ -574,11 +593,23 @@ def _describe_type(annotation: Any, metadata: list[Any]) -> str:
         return "a number" + _bounds(metadata)
     if annotation is str:
         return "text"
-    if origin in (list, tuple):
+    if origin is list:
+        return (
+            f"a list of {_plural(_describe_type(get_args(annotation)[0], []))}"
+            if get_args(annotation)
+            else "a list"
+        )
+    if origin is tuple:
         return "a list"
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return "a mapping of settings"
     return str(annotation)
+
+
+def _plural(description: str) -> str:
+    return {"text": "text", "a whole number": "whole numbers", "a number": "numbers"}.get(
+        description, description
+    )
 
 
 def _strip(annotation: Any) -> Any:

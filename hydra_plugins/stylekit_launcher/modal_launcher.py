@@ -68,9 +68,26 @@ class ModalLauncher(Launcher):
                 "each batch of trials from the previous batch's results: drop detach (Ctrl-C still copies back "
                 "every finished job)"
             )
-        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         jobs = [self._job(initial_job_idx + i, overrides) for i, overrides in enumerate(job_overrides)]
-        check_job_configs(jobs)  # a bad value in any job stops the launch before a container starts
+        # A bad value stops a grid before anything is uploaded or started. A sweeper that reads each trial's
+        # result (Optuna) gets those trials back as failed instead, and its study goes on.
+        problems = job_config_problems(jobs)
+        if problems and not sweeper:
+            from stylekit.schema import listed
+
+            raise UsageError(listed([line for lines in problems.values() for line in lines]))
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        runnable = [job for job in jobs if job.index not in problems]
+        ran = self._run(runnable, sweeper) if runnable else []
+        returns = dict(zip([job.index for job in runnable], ran, strict=True))
+        for job in jobs:
+            if job.index in problems:
+                log.warning("Not starting %s", problems[job.index][0])
+                returns[job.index] = _refused_return(job, problems[job.index])
+        return [returns[job.index] for job in jobs]
+
+    def _run(self, jobs: list[Job], sweeper: str | None) -> Sequence[JobReturn]:
+        assert self.config is not None
         spec = self.image_spec()
         if self.conf.backend == "modal":
             for job in jobs:
@@ -165,26 +182,35 @@ class ModalLauncher(Launcher):
         return returns
 
 
-def check_job_configs(jobs: list[Job]) -> None:
-    """Every job's config against stylekit's schema, here, before anything is uploaded or started: one
-    UsageError listing each job's problems, one line each."""
+def job_config_problems(jobs: list[Job]) -> dict[int, list[str]]:
+    """Each job's config against stylekit's schema, here, before anything is uploaded or started: job index
+    -> its problems, one line each, naming the job. Jobs of apps other than stylekit's are not checked."""
     from stylekit import schema
 
-    problems = []
+    problems: dict[int, list[str]] = {}
     for job in jobs:
-        if job.task_name not in schema.SCHEMAS:
+        app = OmegaConf.select(job.config, "hydra.job.config_name", default=None)
+        if app not in schema.SCHEMAS:
             continue
         task_config = OmegaConf.masked_copy(job.config, [k for k in job.config if k != "hydra"])
         try:
-            schema.validate(str(job.task_name), task_config)
+            schema.validate(str(app), task_config)
         except UsageError as error:
             where = " ".join(filter_overrides(job.overrides)) or "no overrides"
-            problems += [f"job #{job.index} ({where}): {line}" for line in str(error).splitlines()]
-    if problems:
-        extra = len(problems) - schema.MAX_LISTED
-        raise UsageError(
-            "\n".join(problems[: schema.MAX_LISTED] + ([f"... and {extra} more"] if extra > 0 else []))
-        )
+            problems[job.index] = [f"job #{job.index} ({where}): {line}" for line in str(error).splitlines()]
+    return problems
+
+
+def _refused_return(job: Job, problems: list[str]) -> JobReturn:
+    """A job the schema refused, as a failed trial: reading its result raises the problems."""
+    ret = JobReturn(
+        overrides=list(job.overrides),
+        working_dir=str(job.local_dir),
+        task_name=str(OmegaConf.select(job.config, "hydra.job.name", default="")),
+        status=JobStatus.FAILED,
+    )
+    ret.return_value = UsageError("\n".join(problems))
+    return ret
 
 
 def _settings(params: dict[str, Any]) -> ModalLauncherConf:

@@ -451,9 +451,11 @@ class InpaintSession:
             return compose(config_name="inpaint", overrides=[*self.model_overrides, *overrides])
 
     def load(self) -> None:
+        from stylekit import schema
         from stylekit.inpaint.run import build_family, load_pipeline
 
         cfg = self.compose(["prompt=warm-up"])
+        schema.validate("inpaint", cfg)  # the session's model overrides, before any weights load
         load_pipeline(build_family(cfg), cfg.model)
 
     def edit_files(

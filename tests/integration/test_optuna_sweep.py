@@ -110,6 +110,26 @@ def test_a_command_line_range_replaces_the_shipped_one_and_a_fixed_value_is_not_
         assert "lora.rank=16" in yaml.safe_load(overrides.read_text())
 
 
+def test_on_modal_a_trial_the_schema_refuses_fails_alone_and_the_study_goes_on(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    hydra_process_state: None,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    sweep = tmp_path / "sweep"
+    monkeypatch.chdir(tmp_path)
+    _run_app(monkeypatch, "hydra/sweeper=optuna", "hydra.sweeper.n_trials=6", "hydra.sweeper.n_jobs=3",
+             "hydra/launcher=modal", "hydra.launcher.backend=local", f"hydra.sweep.dir={sweep}", "logger=none",
+             "lora.rank=choice(0, 8)", "optimizer.lr=tag(log, interval(1e-5, 1e-3))")  # fmt: skip
+    logged = capsys.readouterr().out
+    refused = [line for line in logged.splitlines() if "lora.rank=0 must be a whole number >= 1" in line]
+    assert refused and all("Failed experiment" in line or "Not starting job #" in line for line in refused)
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert results["best_params"]["lora.rank"] == 8  # rank 0 never ran, the others did
+    ran = [p for p in sweep.glob("*/.hydra/overrides.yaml") if "lora.rank=0" not in p.read_text()]
+    assert ran and not [p for p in sweep.glob("*/.hydra/overrides.yaml") if "lora.rank=0" in p.read_text()]
+
+
 def test_a_study_in_sqlite_storage_goes_on_where_the_last_sweep_stopped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hydra_process_state: None
 ) -> None:

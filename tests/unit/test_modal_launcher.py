@@ -392,6 +392,19 @@ def test_inpaint_session_refuses_overrides_it_owns() -> None:
         session.edit_files(b"", b"", ["model.dtype=fp32"])
 
 
+def test_an_inpaint_session_with_a_bad_model_setting_stops_in_one_line_before_loading() -> None:
+    from stylekit.errors import UsageError
+    from stylekit.remote.worker import InpaintSession
+
+    session = InpaintSession("model=tiny_qwen_edit model.pipeline=nope model.dtype=fp8", project_dir=ROOT)
+    with pytest.raises(UsageError) as caught:
+        session.load()
+    assert str(caught.value).splitlines() == [
+        "model.pipeline='nope' must be one of: edit_plus, edit_inpaint or null",
+        "model.dtype='fp8' must be one of: auto, bf16, fp16, fp32",
+    ]
+
+
 @pytest.mark.slow
 def test_inpainter_edits_only_the_masked_region_through_function_local() -> None:
     """The deployable class itself, run here with Modal's ``.local()`` (enter hooks included) on tiny FLUX."""

@@ -76,6 +76,9 @@ def test_data_schema_knows_every_data_key_and_nothing_more() -> None:
         ("optimizer.lr=0", "optimizer.lr=0 must be a number > 0 (e.g. 1e-4; prodigy expects 1.0)"),
         ("optimizer.name=sgd", "optimizer.name='sgd' must be one of: adamw, adamw8bit, prodigy, adafactor"),
         ("optimizer.betas=[0.9,1.5]", "optimizer.betas=[0.9, 1.5] must be two numbers in [0, 1), e.g. [0.9,0.999]"),
+        ("optimizer.betas=[0.9]", "optimizer.betas=[0.9] must be two numbers in [0, 1), e.g. [0.9,0.999]"),
+        ("lora.target_modules=[to_q,null]", "lora.target_modules=[to_q, null] must be a list of text or null"),
+        ("trainer.snr_gamma=-1", "trainer.snr_gamma=-1 must be a number >= 0 or null (0 or null: off; 5.0 is usual)"),
         ("optimizer.weight_decay=-1", "optimizer.weight_decay=-1 must be a number >= 0"),
         ("lora.rank=true", "lora.rank=true must be a whole number >= 1 (e.g. 4, 16, 64)"),
         ("lora.dropout=1", "lora.dropout=1 must be a number in [0, 1)"),
@@ -132,8 +135,9 @@ def test_each_family_has_its_own_choices(model: str, override: str, line: str) -
         ("inpaint.mask.threshold=0", "inpaint.mask.threshold=0 must be a number in (0, 1] (0.5 suits black/white masks)"),
         ("inpaint.mask.grow=1.5", "inpaint.mask.grow=1.5 must be a whole number (pixels; negative shrinks)"),
         ("inpaint.mask.feather=-1", "inpaint.mask.feather=-1 must be a whole number >= 0 (pixels of inward soft edge)"),
-        ("inpaint.context=-1", "inpaint.context=-1 must be a factor of the mask's box like 0.5, or pixels like 64px"),
-        ("inpaint.context=abc", "inpaint.context='abc' must be a factor of the mask's box like 0.5, or pixels like 64px"),
+        ("inpaint.context=-1", "inpaint.context=-1 must be >= 0: a factor like 0.5 or pixels like 64px"),
+        ("inpaint.context=abc", "inpaint.context='abc' must be a factor like 0.5 or pixels like 64px"),
+        ("inpaint.context=64", "inpaint.context=64 is a factor of the mask's box and must be at most 4; for pixels write inpaint.context=64px"),
         ("inpaint.max_upscale=0.5", "inpaint.max_upscale=0.5 must be a number >= 1"),
     ],
 )  # fmt: skip
@@ -177,6 +181,43 @@ def test_a_long_list_is_cut_to_a_screen() -> None:
     ]
     problems = _problems("train", overrides)
     assert len(problems) == schema.MAX_LISTED + 1 and problems[-1] == "... and 2 more"
+
+
+@pytest.mark.parametrize("override", ["logger.tags=null", "trainer.snr_gamma=0", "trainer.snr_gamma=null",
+                                      "trainer.max_grad_norm=null", "data.random_flip=false"])  # fmt: skip
+def test_values_that_mean_off_are_accepted(override: str) -> None:
+    schema.validate("train", _compose("train", [override]))
+
+
+def test_a_false_flag_becomes_a_number_too() -> None:
+    cfg = _compose("train", ["data.random_flip=false"])
+    schema.validate("train", cfg)
+    assert cfg.data.random_flip == 0.0 and type(cfg.data.random_flip) is float
+
+
+def test_a_normalized_interpolated_value_is_replaced_by_its_clean_value() -> None:
+    cfg = _compose("inpaint", ["prompt=x", "model=sdxl", "model.inference.negative_prompt=123"])
+    schema.validate("inpaint", cfg)
+    assert cfg.negative_prompt == "123" and cfg.model.inference.negative_prompt == "123"
+
+
+def test_a_read_only_config_is_checked_and_normalized() -> None:
+    cfg = _compose("train", ["data.trigger=42"])
+    OmegaConf.set_readonly(cfg, True)
+    schema.validate("train", cfg)
+    assert cfg.data.trigger == "42" and OmegaConf.is_readonly(cfg)
+
+
+def test_a_config_with_hydras_node_is_checked_without_it() -> None:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["lora.rank=0"], return_hydra_config=True)
+    assert _problems_of(cfg) == ["lora.rank=0 must be a whole number >= 1 (e.g. 4, 16, 64)"]
+
+
+def _problems_of(cfg) -> list[str]:
+    with pytest.raises(UsageError) as caught:
+        schema.validate("train", cfg)
+    return str(caught.value).splitlines()
 
 
 def test_clean_values_are_written_back() -> None:
@@ -227,6 +268,11 @@ def test_a_mapping_of_data_keys_gets_the_same_messages() -> None:
             "modl is not a setting of the config (did you mean model?); its keys are: model, data, lora,",
         ),
         ("trainer.max_steps=[1", "an override does not parse (no viable alternative at input '[1')"),
+        ("data.tile_size=512", "data.tile_size is a setting of data=tile only; add data=tile to use it"),
+        (
+            "hydra.job.chdir=maybe",
+            "Error merging override hydra.job.chdir=maybe; Value 'maybe' is not a valid bool",
+        ),
     ],
 )
 def test_composition_errors_are_one_line_and_exit_2(
@@ -294,3 +340,19 @@ def test_a_bad_launcher_setting_is_one_line(
     code, lines, _ = _exit_of("train", argv, monkeypatch, capsys)
     assert code == 2 and lines[-1] == "error: hydra.launcher.backend='nope': expected one of modal, local"
     assert not any("Traceback" in line for line in lines)
+
+
+def test_a_crash_while_handling_a_usage_error_is_still_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hydra._internal import utils as hydra_utils
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+
+    def task() -> None:
+        try:
+            raise UsageError("a usage error")
+        except UsageError:
+            {}["missing"]  # noqa: B018
+
+    with one_line_composition_errors(), pytest.raises(SystemExit) as caught:
+        hydra_utils.run_and_report(task)
+    assert caught.value.code == 1  # Hydra's own report of a crash, not a usage error's exit 2
