@@ -220,7 +220,7 @@ class Model(Section):
     inference: Inference = Field(default_factory=Inference)
 
 
-def _family_model(family: type, **fields: Any) -> type[Model]:
+def _family_model(family: type, base: type[Model] = Model, **fields: Any) -> type[Model]:
     """The model schema of a family: its pipelines as the allowed `pipeline` values, `resolution` a multiple
     of its pixel grid, plus its own keys."""
     from pydantic import create_model
@@ -229,7 +229,7 @@ def _family_model(family: type, **fields: Any) -> type[Model]:
     resolution = (_int(at.Ge(step), at.MultipleOf(step)), 1024)
     pipeline = (Literal[tuple(family.inpaint_pipeline_classes)] | None, None)
     schema = create_model(
-        f"{family.__name__}Config", __base__=Model, pipeline=pipeline, resolution=resolution, **fields
+        f"{family.__name__}Config", __base__=base, pipeline=pipeline, resolution=resolution, **fields
     )
     schema.family_class = family
     return schema
@@ -239,6 +239,27 @@ class OtherModel(Model):
     """A family stylekit does not ship (a `_target_` of your own): the shared keys are checked, its own pass."""
 
     model_config = ConfigDict(extra="allow")
+
+
+@cache
+def _other_family(target: str) -> type[Model]:
+    """A `_target_` stylekit does not ship: a ModelFamily subclass keeps its pipelines and pixel grid as
+    checks (its own keys pass unchecked); anything else gets the shared keys only."""
+    from stylekit.models.base import ModelFamily
+
+    try:
+        from hydra.utils import get_class
+
+        family = get_class(target)
+    except Exception:  # not importable here: instantiating it reports that, after these checks
+        return OtherModel
+    if (
+        isinstance(family, type)
+        and issubclass(family, ModelFamily)
+        and hasattr(family, "resolution_multiple")
+    ):
+        return _family_model(family, OtherModel)
+    return OtherModel
 
 
 @cache
@@ -348,7 +369,7 @@ def validate(task: str, cfg: DictConfig | Mapping[str, Any]) -> None:
     model_raw = raw.get("model")
     if isinstance(model_raw, Mapping):
         target = str(model_raw.get("_target_", ""))
-        schema = model_schemas().get(target, OtherModel)
+        schema = model_schemas().get(target) or _other_family(target)
         model_problems, model_clean = _check(schema, model_raw, ("model",))
         problems += model_problems
         if clean is not None and model_clean is not None:

@@ -59,8 +59,6 @@ log = logging.getLogger(__name__)
 
 # diffusers' standard LoRA file name, which stylekit's training writes too.
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-# A batch with hundreds of bad files should still fit on a screen.
-MAX_LISTED_PROBLEMS = 12
 SETTING_KEYS = ("negative_prompt", "num_inference_steps", "guidance_scale", "true_cfg_scale", "strength")
 
 # The last loaded pipeline, keyed by its resolved model config: later runs in this process reuse it.
@@ -189,8 +187,11 @@ def prepare(cfg: DictConfig) -> tuple[ModelFamily, Options, list[Job], int]:
     """Check the whole run; raise one UsageError listing every problem (one line each). No weights load."""
     from stylekit import schema
 
-    schema.validate("inpaint", cfg)  # keys and values; what follows checks the files they name
     problems: list[str] = []
+    if _record(problems, lambda: schema.validate("inpaint", cfg) or True) is None:
+        # Bad settings: the files they name are still checked, so one run reports everything it can.
+        _record(problems, lambda: find_pairs(_value(cfg, "image"), _value(cfg, "mask")))
+        raise UsageError(schema.listed(problems))
     opts = read_options(cfg, problems)
     family = _record(problems, lambda: build_family(cfg))
     pairs = _record(problems, lambda: find_pairs(_value(cfg, "image"), _value(cfg, "mask"))) or []
@@ -198,11 +199,7 @@ def prepare(cfg: DictConfig) -> tuple[ModelFamily, Options, list[Job], int]:
     for job in jobs if family is not None else []:
         _record(problems, lambda job=job: _check_pair(job, opts, family))
     if problems:
-        # A bad setting (inpaint.mask.threshold, inpaint.context) is also met again by every pair's check.
-        problems = list(dict.fromkeys(problems))
-        extra = len(problems) - MAX_LISTED_PROBLEMS
-        listed = problems[:MAX_LISTED_PROBLEMS] + ([f"... and {extra} more"] if extra > 0 else [])
-        raise UsageError("\n".join(listed))
+        raise UsageError(schema.listed(problems))  # a file met again by several pairs is listed once
     return family, opts, jobs, skipped
 
 

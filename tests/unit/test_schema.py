@@ -153,6 +153,19 @@ def test_a_family_of_your_own_gets_the_shared_checks_and_keeps_its_own_keys() ->
     assert problem.startswith("model.dtype='fp8' must be one of: auto, bf16, fp16, fp32")
 
 
+class _MyFlux(__import__("stylekit.models.flux", fromlist=["FluxFamily"]).FluxFamily):
+    """A family of one's own built on FLUX."""
+
+
+def test_a_subclass_of_a_shipped_family_keeps_its_pipelines_and_pixel_grid() -> None:
+    target = f"{__name__}._MyFlux"
+    schema.validate("train", _compose("train", ["model=flux", f"model._target_={target}", "+model.knob=1"]))
+    problems = _problems(
+        "train", ["model=flux", f"model._target_={target}", "model.pipeline=edit", "model.resolution=1000"]
+    )
+    assert [p.split("=")[0] for p in problems] == ["model.pipeline", "model.resolution"]
+
+
 def test_inpaint_needs_a_prompt() -> None:
     assert (
         _problems("inpaint", [])
@@ -356,3 +369,16 @@ def test_a_crash_while_handling_a_usage_error_is_still_a_crash(monkeypatch: pyte
     with one_line_composition_errors(), pytest.raises(SystemExit) as caught:
         hydra_utils.run_and_report(task)
     assert caught.value.code == 1  # Hydra's own report of a crash, not a usage error's exit 2
+
+
+def test_inpaint_reports_bad_settings_together_with_the_missing_files(tmp_path: Path) -> None:
+    from stylekit.inpaint import run as inpaint_run
+
+    missing = tmp_path / "nope.png"
+    cfg = _compose("inpaint", ["prompt=x", "num_images=0", f"image='{missing}'", f"output_dir='{tmp_path}'"])
+    with pytest.raises(UsageError) as caught:
+        inpaint_run.prepare(cfg)
+    assert str(caught.value).splitlines() == [
+        "num_images=0 must be a whole number >= 1",
+        f"image={missing} does not exist; check the path",
+    ]
