@@ -84,6 +84,7 @@ class Data(Section):
     hf_dataset: str | None = None
     split: str = "train"
     revision: str | None = None
+    subset: str | None = None
     image_column: str = "image"
     caption_column: str | None = None
     control_column: str | None = None

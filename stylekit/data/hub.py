@@ -67,6 +67,7 @@ class HubOptions:
     source: str
     split: str = "train"
     revision: str | None = None
+    subset: str | None = None
     image_column: str = "image"
     caption_column: str | None = None
     control_column: str | None = None
@@ -77,6 +78,7 @@ class HubOptions:
             source=str(get_option(data, "hf_dataset")),
             split=str(get_option(data, "split", "train")),
             revision=_optional_str(get_option(data, "revision")),
+            subset=_optional_str(get_option(data, "subset")),
             image_column=str(get_option(data, "image_column", "image")),
             caption_column=_optional_str(get_option(data, "caption_column")),
             control_column=_optional_str(get_option(data, "control_column")),
@@ -197,7 +199,8 @@ def _load_hub(opts: HubOptions) -> datasets.Dataset:
     from huggingface_hub import constants
 
     try:
-        return _load_split(opts, opts.source, revision=opts.revision)
+        subset = {"name": opts.subset} if opts.subset else {}
+        return _load_split(opts, opts.source, revision=opts.revision, **subset)
     except ConnectionError as error:
         if constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE:
             raise UsageError(
@@ -231,22 +234,47 @@ def _hub_not_found(opts: HubOptions, error: Exception) -> str:
     )
 
 
-def _load_split(opts: HubOptions, name: str, **kwargs: Any) -> datasets.Dataset:
+def _load_split(opts: HubOptions, source: str, **kwargs: Any) -> datasets.Dataset:
     import datasets
 
     try:
-        return datasets.load_dataset(name, split=opts.split, **kwargs)
+        return datasets.load_dataset(source, split=opts.split, **kwargs)
     except ValueError as error:
+        subsets = _subsets(str(error))
+        if subsets is not None:
+            what = (
+                f"data.subset={opts.subset} is not one of its subsets"
+                if opts.subset
+                else "it has several subsets"
+            )
+            raise UsageError(
+                f"{opts.where}: {what}; pick one with data.subset=NAME: {', '.join(subsets)}"
+            ) from None
         if "Unknown split" not in str(error):
             raise
-        names = _split_names(name, **kwargs)
+        names = _split_names(source, **kwargs)
         raise UsageError(_unknown_split(opts, names)) from None
 
 
-def _split_names(name: str, **kwargs: Any) -> list[str]:
+def _subsets(message: str) -> list[str] | None:
+    """The subsets (datasets' configurations) a 'Config name is missing' / 'BuilderConfig not found' error
+    lists, or None for other errors."""
+    import ast
+    import re
+
+    if "Config name is missing" not in message and "BuilderConfig" not in message:
+        return None
+    listed = re.search(r"(?:available configs|Available):\s*(\[[^\]]*\])", message)
+    try:
+        return [str(name) for name in ast.literal_eval(listed[1])] if listed else []
+    except (ValueError, SyntaxError):
+        return []
+
+
+def _split_names(source: str, **kwargs: Any) -> list[str]:
     import datasets
 
-    builder = datasets.load_dataset_builder(name, **kwargs)
+    builder = datasets.load_dataset_builder(source, **kwargs)
     names = builder.config.data_files or builder.info.splits or {}
     return [str(split) for split in names]
 

@@ -547,3 +547,29 @@ def test_an_unwritable_cache_is_one_line_naming_stylekit_cache_dir(
     message = error(source)
     assert message.startswith(f"cannot write dataset images to {tmp_path / 'a-file' / 'cache' / 'images'} (")
     assert message.endswith("set STYLEKIT_CACHE_DIR to a writable folder with free space")
+
+
+def test_a_dataset_with_several_subsets_needs_data_subset(tmp_path: Path) -> None:
+    # A repository whose README declares several configurations, loaded exactly as a hub id is (the folder
+    # is passed to load_dataset the way `user/name` is).
+    repo = tmp_path / "repo"
+    for name, seed in (("alpha", 1), ("beta", 2)):
+        (repo / name).mkdir(parents=True)
+        image_table({"image": [png(seed)], "text": [name]}).to_parquet(str(repo / name / "train.parquet"))
+    (repo / "README.md").write_text(
+        "---\nconfigs:\n- config_name: alpha\n  data_files: alpha/*.parquet\n"
+        "- config_name: beta\n  data_files: beta/*.parquet\n---\n"
+    )
+    opts = hub.HubOptions(source=str(repo))
+    with pytest.raises(UsageError) as missing:
+        hub._load_hub(opts)
+    assert str(missing.value) == (
+        f"data.hf_dataset={repo}: it has several subsets; pick one with data.subset=NAME: alpha, beta"
+    )
+    with pytest.raises(UsageError) as unknown:
+        hub._load_hub(hub.HubOptions(source=str(repo), subset="gamma"))
+    assert "data.subset=gamma is not one of its subsets; pick one with data.subset=NAME: alpha, beta" in str(
+        unknown.value
+    )
+    rows = hub._load_hub(hub.HubOptions(source=str(repo), subset="beta"))
+    assert rows["text"] == ["beta"]
