@@ -2,7 +2,7 @@
 
 Where the rows come from: a local path when one exists (a `save_to_disk` folder, a parquet or arrow file, a
 folder of them, or an imagefolder with metadata.jsonl), else a hub id, loaded with
-`datasets.load_dataset(id, split=data.split, revision=data.revision)`. A path-like value that does not exist
+`datasets.load_dataset(id, data.subset, split=data.split, revision=data.revision)`. A path-like value that does not exist
 (`./x`, `/x`, `~/x`, `a/b/c`, `x.parquet`) is an error, never a hub lookup.
 
 Each row becomes an ImageRecord, so captions, `[trigger]`, buckets, tiles, repeats, caption dropout, the encoding
