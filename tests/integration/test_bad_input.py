@@ -415,7 +415,7 @@ def test_inpaint_refuses_bad_paths_with_one_line(
         ),  # once, not per image
         ("inpaint.mask.threshold=2", "inpaint.mask.threshold=2 must be a number in (0, 1]"),
         ("inpaint.mask.grow=1.5", "inpaint.mask.grow=1.5 must be a whole number"),
-        ("inpaint.context=-1", "inpaint.context=-1 must be a factor"),
+        ("inpaint.context=-1", "inpaint.context=-1 must be >= 0"),
         ("inpaint.context=wide", "inpaint.context='wide' must be a factor"),
         ("seed=abc", "seed='abc' must be a whole number"),
         ("guidance_scale=high", "guidance_scale='high' must be a number"),
