@@ -6,7 +6,7 @@ it, before any model loads, and raises one UsageError that lists every problem, 
 the value and what is allowed:
 
     trainer.max_steps=0 must be a whole number >= 1
-    model.pipeline='inpaint' is not one of: edit_plus, edit_inpaint
+    model.pipeline='fill' must be one of: edit_plus, edit_inpaint or null
 
 Values the schema normalizes (a number given where text is meant, `data.random_flip=true`) are written back
 into the config, so the code after it reads clean values. What a schema cannot express stays where the work is
@@ -28,8 +28,6 @@ from pydantic.fields import FieldInfo
 from stylekit.errors import UsageError
 
 MAX_LISTED = 12  # a config with many problems still fits on a screen
-
-
 NOT_A_NUMBER = "a boolean is not a number"
 
 
