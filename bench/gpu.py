@@ -46,7 +46,8 @@ def _family(name: str, mode: str, tiny: bool) -> tuple[Any, Any]:
     return instantiate(cfg.model), cfg
 
 
-def _peak_reset() -> None:
+def reset_peak() -> None:
+    """Free what Python no longer holds and start a new peak-memory window (CUDA; a no-op elsewhere)."""
     import torch
 
     gc.collect()
@@ -55,10 +56,14 @@ def _peak_reset() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def _peak_gib() -> float | None:
+def peak_gib() -> float | None:
+    """The CUDA peak since reset_peak, after the queued kernels finish; None without CUDA."""
     import torch
 
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
 
 
 def _sync() -> None:
@@ -76,7 +81,7 @@ def measure_training(name: str, size: int, mode: str, tiny: bool) -> tuple[float
 
     family, cfg = _family(name, mode, tiny)
     runtime = family.runtime()
-    _peak_reset()
+    reset_peak()
     encoders = family.load_encoders(runtime)
     pixels = torch.rand(1, 3, size, size) * 2 - 1
     control = Image.new("RGB", (size, size), (128, 100, 90)) if family.needs_control else None
@@ -88,7 +93,7 @@ def measure_training(name: str, size: int, mode: str, tiny: bool) -> tuple[float
     batch = {k: v.to(runtime.device) for k, v in batch.items()}
     encoders.to("cpu")
     del encoders
-    _peak_reset()
+    reset_peak()
     denoiser = family.load_denoiser(runtime)
     denoiser.enable_gradient_checkpointing()
     torch.manual_seed(0)
@@ -120,7 +125,7 @@ def measure_training(name: str, size: int, mode: str, tiny: bool) -> tuple[float
         step()
     _sync()
     seconds = (time.perf_counter() - start) / TRAIN_STEPS
-    return seconds, _peak_gib()
+    return seconds, peak_gib()
 
 
 def measure_edit(name: str, size: int, mode: str, tiny: bool) -> tuple[float, float | None]:
@@ -128,7 +133,7 @@ def measure_edit(name: str, size: int, mode: str, tiny: bool) -> tuple[float, fl
     from PIL import Image
 
     family, _ = _family(name, mode, tiny)
-    _peak_reset()
+    reset_peak()
     pipe = family.load_pipeline("inpaint")
     image = Image.new("RGB", (size, size), (120, 110, 100))
     mask = Image.new("L", (size, size), 0)
@@ -144,7 +149,7 @@ def measure_edit(name: str, size: int, mode: str, tiny: bool) -> tuple[float, fl
             family.edit(pipe, image, mask, "a red scarf", settings, generator)
         _sync()
     seconds = (time.perf_counter() - start) / EDIT_RUNS
-    return seconds, _peak_gib()
+    return seconds, peak_gib()
 
 
 def run_one(name: str, size: int, mode: str, tiny: bool) -> Row:
@@ -156,7 +161,7 @@ def run_one(name: str, size: int, mode: str, tiny: bool) -> Row:
             setattr(row, f"{label}_gib", peak)
         except Exception as error:  # an OOM in one cell should not lose the rest of the table
             row.note += f"{label}: {type(error).__name__}: {str(error).splitlines()[0][:80]} "
-            _peak_reset()
+            reset_peak()
     return row
 
 

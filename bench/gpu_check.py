@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fnmatch
-import gc
 import json
 import logging
 import math
@@ -39,6 +38,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from bench.gpu import peak_gib, reset_peak
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -126,33 +127,16 @@ def _driver_version() -> str | None:
 
 
 def free_memory() -> None:
-    import torch
-
     from stylekit.inpaint import run as inpaint_run
 
     inpaint_run.clear_pipeline_cache()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak()
 
 
 def allocated_gib() -> float | None:
     import torch
 
     return torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else None
-
-
-def peak_gib() -> float | None:
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**30
-
-
-# ---- inputs -----------------------------------------------------------------------------------------------
 
 
 def picture(side: int, seed: int) -> Any:

@@ -91,7 +91,6 @@ def hydra_app(task: str) -> Callable[[], Any]:
         with one_line_composition_errors():
             return main()
 
-    app.__doc__ = main.__doc__
     return app
 
 

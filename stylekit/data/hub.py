@@ -20,8 +20,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +40,7 @@ from stylekit.data.dataset import (
     warn_control_ratio,
 )
 from stylekit.errors import UsageError
+from stylekit.io import atomic_write_bytes
 
 if TYPE_CHECKING:
     import datasets
@@ -392,14 +391,7 @@ def _suffix(data: bytes) -> str:
 
 def _write_atomically(target: Path, data: bytes) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(target, data)
 
 
 @dataclass

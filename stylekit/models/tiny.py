@@ -220,18 +220,21 @@ def _qwen_token_ids(tokenizer: Any) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _clip_text_config(tokenizer: Any, hidden_act: str, projection_dim: int = 32) -> Any:
+def _clip_text_config(
+    tokenizer: Any, hidden_act: str, width: int = 32, intermediate_size: int = 64, heads: int = 2
+) -> Any:
+    """Two layers, the width (and projection) of `width`: 32 for the tiny models, CLIP-L/G's for the shallow."""
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=width,
+        intermediate_size=intermediate_size,
         num_hidden_layers=2,
-        num_attention_heads=2,
+        num_attention_heads=heads,
         max_position_embeddings=77,
         hidden_act=hidden_act,
-        projection_dim=projection_dim,
+        projection_dim=width,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -585,20 +588,10 @@ def _shallow_clip(tokenizer: Any, width: int, hidden_act: str, seed: int, projec
     """CLIP text encoder at a real width (64-wide heads as in CLIP-L/G) with two layers: SDXL reads the
     penultimate one."""
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=width,
-        intermediate_size=_SHALLOW_FF,
-        num_hidden_layers=2,
-        num_attention_heads=width // 64,
-        max_position_embeddings=77,
-        hidden_act=hidden_act,
-        projection_dim=width,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+    config = _clip_text_config(
+        tokenizer, hidden_act, width=width, intermediate_size=_SHALLOW_FF, heads=width // 64
     )
     torch.manual_seed(seed)
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)

@@ -130,6 +130,11 @@ class Modal:
     detach: list[bool] = field(default_factory=list)
 
 
+def on_volume(mount: Path) -> list[str]:
+    """Launcher overrides for CPU containers whose outputs volume is the local folder ``mount``."""
+    return ["hydra.launcher.gpu=none", f"hydra.launcher.volumes.outputs.path={mount}"]
+
+
 def install(monkeypatch: pytest.MonkeyPatch, mount: Path, cache: Path | None = None) -> Modal:
     from hydra_plugins.stylekit_launcher import _needs
     from stylekit.remote import app as remote_app

@@ -36,9 +36,7 @@ def _task(cfg: Any) -> int:
     return int(cfg.x) * 2
 
 
-def _on_volume(mount: Path) -> list[str]:
-    """CPU containers whose outputs volume is the local folder ``mount``."""
-    return ["hydra.launcher.gpu=none", f"hydra.launcher.volumes.outputs.path={mount}"]
+_on_volume = modal_fakes.on_volume
 
 
 # ---- 1. deploy ------------------------------------------------------------------------------------------------

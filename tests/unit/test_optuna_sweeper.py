@@ -109,8 +109,9 @@ def test_a_payload_composed_under_optuna_passes_the_image_check_and_runs(
     from hydra_plugins.stylekit_launcher._modules import referenced_modules
 
     seen = modal_fakes.install(monkeypatch, tmp_path / "volume")
-    volume = [f"hydra.launcher.volumes.outputs.path={tmp_path / 'volume'}", "hydra.launcher.gpu=none"]
-    returns = launch(_task, [["+x=1"], ["+x=2"]], "hydra/sweeper=optuna", *volume)
+    returns = launch(
+        _task, [["+x=1"], ["+x=2"]], "hydra/sweeper=optuna", *modal_fakes.on_volume(tmp_path / "volume")
+    )
     assert [r.status for r in returns] == [JobStatus.COMPLETED] * 2
     assert [r.return_value for r in returns] == [1.0, 2.0]
     # The shipped config holds the sweeper's node, so the check did look at the plugin's modules.
