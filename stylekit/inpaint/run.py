@@ -187,11 +187,14 @@ def prepare(cfg: DictConfig) -> tuple[ModelFamily, Options, list[Job], int]:
     """Check the whole run; raise one UsageError listing every problem (one line each). No weights load."""
     from stylekit import schema
 
-    problems: list[str] = []
-    if _record(problems, lambda: schema.validate("inpaint", cfg) or True) is None:
+    try:
+        schema.validate("inpaint", cfg)
+    except UsageError as error:
         # Bad settings: the files they name are still checked, so one run reports everything it can.
-        _record(problems, lambda: find_pairs(_value(cfg, "image"), _value(cfg, "mask")))
-        raise UsageError(schema.listed(problems))
+        found = [str(error)]
+        _record(found, lambda: find_pairs(_value(cfg, "image"), _value(cfg, "mask")))
+        raise UsageError(schema.listed(found)) from None
+    problems: list[str] = []
     opts = read_options(cfg, problems)
     family = _record(problems, lambda: build_family(cfg))
     pairs = _record(problems, lambda: find_pairs(_value(cfg, "image"), _value(cfg, "mask"))) or []
